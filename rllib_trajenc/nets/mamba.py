@@ -1,0 +1,110 @@
+"""Mamba encoder (Gu & Dao, arXiv 2312.00752): a stack of selective state-space blocks.
+
+Its memory is a fixed-size recurrent state per layer (the last d_conv-1 conv inputs and the SSM
+state), so acting one step at a time costs the same at step 10 as at step 10,000, while training on
+whole sequences uses a parallel scan.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from rllib_trajenc.nets.base import HiddenState, TrajEncoder
+from rllib_trajenc.nets.layers import check_positive, make_norm
+from rllib_trajenc.nets.selective_scan import run_causal_conv1d, run_selective_scan
+
+
+class MambaMixer(nn.Module):
+    """One Mamba block: gated (conv -> selective SSM) branch, as in Fig. 3 of the paper."""
+
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int,
+                 dt_min: float = 1e-3, dt_max: float = 1e-1):
+        super().__init__()
+        d_inner = expand * d_model
+        self.d_state, self.dt_rank = d_state, math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        # Holds the depthwise weights [d_inner, 1, d_conv] (and their default init); applied causally.
+        self.conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner)
+        # Step sizes start log-uniform in [dt_min, dt_max]: a spread of memory horizons per channel.
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(torch.empty(d_inner).uniform_(math.log(dt_min), math.log(dt_max)))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        # S4D-real init: A = -(1, 2, ..., d_state) for every channel, kept negative via A = -exp(A_log).
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, conv_state: Optional[torch.Tensor] = None,
+                ssm_state: Optional[torch.Tensor] = None, log_dict: Optional[dict] = None,
+                log_key: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, d_model] -> (y [B, L, d_model], conv state, SSM state after the last step)."""
+        x, z = self.in_proj(x).chunk(2, dim=-1)                               # [B, L, d_inner] each
+        x, conv_state = run_causal_conv1d(x.mT, self.conv.weight[:, 0], self.conv.bias,
+                                          conv_state, return_final_state=True)
+        x = F.silu(x)                                                         # [B, d_inner, L]
+        dt, B, C = self.x_proj(x.mT).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight)  # its bias is added inside the scan, before softplus
+        if log_dict is not None:
+            log_dict[log_key] = F.softplus(delta.detach().float() + self.dt_proj.bias.detach()).mean()
+        y, ssm_state = run_selective_scan(
+            x, delta.mT, -torch.exp(self.A_log), B.mT, C.mT, self.D, z.mT,
+            delta_bias=self.dt_proj.bias, delta_softplus=True, initial_state=ssm_state,
+            return_last_state=True)
+        return self.out_proj(y.mT), conv_state, ssm_state
+
+
+class MambaTrajEncoder(TrajEncoder):
+    """Linear -> n_layers x (x + MambaMixer(norm(x))) -> norm.
+
+    State: ``{"conv": [B, n_layers, d_inner, d_conv-1], "ssm": [B, n_layers, d_inner, d_state]}``,
+    zeros at the start of an episode.
+    """
+
+    def __init__(self, tstep_dim: int, max_seq_len: int, d_model: int = 256, d_state: int = 16,
+                 d_conv: int = 4, expand: int = 2, n_layers: int = 3, norm: str = "layer"):
+        super().__init__(tstep_dim, max_seq_len)
+        check_positive(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, n_layers=n_layers)
+        self.d_model, self.d_state, self.d_conv, self.n_layers = d_model, d_state, d_conv, n_layers
+        self.d_inner = expand * d_model
+        self.inp = nn.Linear(tstep_dim, d_model)
+        self.norms = nn.ModuleList(make_norm(norm, d_model) for _ in range(n_layers))
+        self.mixers = nn.ModuleList(MambaMixer(d_model, d_state, d_conv, expand) for _ in range(n_layers))
+        self.out_norm = make_norm(norm, d_model)
+
+    @property
+    def emb_dim(self) -> int:
+        return self.d_model
+
+    def init_hidden_state(self, batch_size: int, device: torch.device) -> HiddenState:
+        kw = dict(dtype=self.inp.weight.dtype, device=device)
+        return {"conv": torch.zeros(batch_size, self.n_layers, self.d_inner, self.d_conv - 1, **kw),
+                "ssm": torch.zeros(batch_size, self.n_layers, self.d_inner, self.d_state, **kw)}
+
+    def forward(self, seq: torch.Tensor, time_idxs: Optional[torch.Tensor] = None,
+                hidden_state: Optional[HiddenState] = None,
+                log_dict: Optional[dict] = None) -> tuple[torch.Tensor, Optional[HiddenState]]:
+        """time_idxs is ignored: the recurrence itself knows the order of the steps."""
+        self.check_input(seq)
+        x = self.inp(seq)
+        if hidden_state is None:
+            states = [(None, None)] * self.n_layers
+        else:
+            states = list(zip(hidden_state["conv"].unbind(1), hidden_state["ssm"].unbind(1)))
+        new_states = []
+        for i, (norm, mixer, (conv_state, ssm_state)) in enumerate(zip(self.norms, self.mixers, states)):
+            y, conv_state, ssm_state = mixer(norm(x), conv_state, ssm_state, log_dict, f"mamba/mean_delta_layer{i}")
+            x = x + y
+            new_states.append((conv_state, ssm_state))
+        x = self.out_norm(x)
+        if hidden_state is None:
+            return x, None
+        conv, ssm = zip(*new_states)
+        return x, {"conv": torch.stack(conv, 1).to(hidden_state["conv"].dtype),
+                   "ssm": torch.stack(ssm, 1).to(hidden_state["ssm"].dtype)}

@@ -1,0 +1,200 @@
+"""Pre-norm Transformer encoder with sliding-window causal attention and a fixed-size KV cache."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from rllib_trajenc.nets.attention import FlashAttention, SelfAttention
+from rllib_trajenc.nets.base import HiddenState, TrajEncoder
+from rllib_trajenc.nets.ff import FeedForward
+from rllib_trajenc.nets.layers import NORMS, activation as get_activation
+from rllib_trajenc.nets.layers import check_choice, check_positive, check_probability, make_norm
+from rllib_trajenc.nets.sigma_reparam import SigmaReparamLinear
+
+POS_EMBS = ("fixed", "learned", "rope")
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def _angles(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Sinusoid phases [B, T, n] of the time indices t [B, T], periods geometric in 2pi .. 2pi*1e4."""
+    freqs = 10000.0 ** (-torch.arange(n, device=t.device, dtype=torch.float32) / n)
+    return t.unsqueeze(-1).float() * freqs
+
+
+def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed position embedding [B, T, dim] of any (unbounded) time index."""
+    angles = _angles(t, (dim + 1) // 2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)[..., :dim]
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """RoPE: turns the pairs (x_i, x_{i + dh/2}) of x [B, H, T, dh] by angles [B, 1, T, dh/2]."""
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class AttentionLayer(nn.Module):
+    """Multi-head self-attention sublayer with NormFormer's head scales and post-attention norm."""
+
+    def __init__(self, d_model: int, n_heads: int, attention: SelfAttention, linear: type[nn.Module],
+                 post_norm: nn.Module, head_scaling: bool, dropout_qkv: float, dropout_ff: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = linear(d_model, 3 * d_model)
+        self.dropout_qkv = nn.Dropout(dropout_qkv)
+        self.attention = attention
+        self.head_scale = nn.Parameter(torch.ones(n_heads)) if head_scaling else None
+        self.out = linear(d_model, d_model)
+        self.post_norm = post_norm
+        self.dropout = nn.Dropout(dropout_ff)
+
+    def forward(self, x: torch.Tensor, past: Optional[KV], window: int,
+                first_valid: Optional[torch.Tensor], angles: Optional[torch.Tensor]) -> tuple[torch.Tensor, KV]:
+        """Attends x [B, T, D] to ``past`` keys/values + its own; returns (output, all keys/values)."""
+        B, T, D = x.shape
+        qkv = self.dropout_qkv(self.qkv(x)).view(B, T, 3, self.n_heads, D // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, dh]
+        if angles is not None:
+            q, k = rotate(q, angles), rotate(k, angles)
+        if past is not None:
+            k = torch.cat([past[0].to(k.dtype), k], dim=2)
+            v = torch.cat([past[1].to(v.dtype), v], dim=2)
+        out = self.attention(q, k, v, window, first_valid)
+        if self.head_scale is not None:
+            out = out * self.head_scale.view(-1, 1, 1)
+        out = self.out(out.transpose(1, 2).reshape(B, T, D))
+        return self.dropout(self.post_norm(out)), (k, v)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm1(x)), then x + ff(norm2(x))."""
+
+    def __init__(self, attn: AttentionLayer, ff: FeedForward, norm: str, d_model: int):
+        super().__init__()
+        self.norm1, self.attn = make_norm(norm, d_model), attn
+        self.norm2, self.ff = make_norm(norm, d_model), ff
+
+    def forward(self, x: torch.Tensor, past: Optional[KV], window: int,
+                first_valid: Optional[torch.Tensor], angles: Optional[torch.Tensor]) -> tuple[torch.Tensor, KV]:
+        a, kv = self.attn(self.norm1(x), past, window, first_valid, angles)
+        x = x + a
+        return x + self.ff(self.norm2(x)), kv
+
+
+class TformerTrajEncoder(TrajEncoder):
+    """Decoder-only pre-norm Transformer over timesteps, with sliding-window causal attention.
+
+    Windowed semantics: with W = max_seq_len, the output at episode step t attends, at every
+    layer, to the keys of steps max(0, t - W + 1) .. t. A whole-sequence forward
+    (``hidden_state=None``, the sequence starting an episode, any length, also > W) applies this
+    banded mask, so it computes exactly what stepping through the episode with a state computes.
+
+    State (fixed size, bounded by W): ``{"k", "v": [B, n_layers, n_heads, W, d_model // n_heads],
+    "n_valid": [B] long}``, the keys/values of the last W steps per layer in time order,
+    right-aligned: entry j holds step n - W + j after n steps, and only the last
+    n_valid = min(n, W) entries are real. A step thus costs O(W) attention per layer.
+
+    pos_emb: "fixed" adds sinusoids of the episode time index (any time); "learned" adds a
+    trainable vector per ``time_idx % W`` (bounded table; the W keys of a window still get W
+    distinct vectors); "rope" rotates q and k by the time index (keys are cached rotated).
+    """
+
+    def __init__(self, tstep_dim: int, max_seq_len: int, d_model: int = 256, n_heads: int = 8,
+                 d_ff: int = 1024, n_layers: int = 3, dropout_ff: float = 0.05, dropout_emb: float = 0.05,
+                 dropout_attn: float = 0.0, dropout_qkv: float = 0.0, activation: str = "leaky_relu",
+                 norm: str = "layer", pos_emb: str = "fixed", sigma_reparam: bool = True,
+                 normformer_norms: bool = True, head_scaling: bool = True,
+                 attention_type: type[SelfAttention] = FlashAttention):
+        super().__init__(tstep_dim, max_seq_len)
+        check_positive(d_model=d_model, n_heads=n_heads, d_ff=d_ff, n_layers=n_layers)
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads} "
+                             "(each head gets d_model // n_heads dims)")
+        check_probability(dropout_ff=dropout_ff, dropout_emb=dropout_emb,
+                          dropout_attn=dropout_attn, dropout_qkv=dropout_qkv)
+        get_activation(activation)
+        check_choice("norm", norm, NORMS)
+        check_choice("pos_emb", pos_emb, POS_EMBS)
+        if pos_emb == "rope" and (d_model // n_heads) % 2:
+            raise ValueError(f"pos_emb='rope' needs an even head dim d_model // n_heads, got {d_model // n_heads}")
+        if not (isinstance(attention_type, type) and issubclass(attention_type, SelfAttention)):
+            raise ValueError("attention_type must be a subclass of SelfAttention (the class itself), "
+                             f"got {attention_type!r}")
+        self.d_model, self.n_heads, self.n_layers, self.pos_emb = d_model, n_heads, n_layers, pos_emb
+        self.head_dim = d_model // n_heads
+        linear = SigmaReparamLinear if sigma_reparam else nn.Linear
+
+        def normformer(dim: int) -> nn.Module:
+            return make_norm(norm, dim) if normformer_norms else nn.Identity()
+
+        self.inp = nn.Linear(tstep_dim, d_model)
+        if pos_emb == "learned":
+            self.pos_table = nn.Embedding(max_seq_len, d_model)
+        self.dropout = nn.Dropout(dropout_emb)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                AttentionLayer(d_model, n_heads, attention_type(dropout_attn), linear, normformer(d_model),
+                               head_scaling, dropout_qkv, dropout_ff),
+                FeedForward(d_model, d_ff, dropout_ff, activation, linear=linear, mid_norm=normformer(d_ff)),
+                norm, d_model)
+            for _ in range(n_layers))
+        self.out_norm = make_norm(norm, d_model)
+
+    @property
+    def emb_dim(self) -> int:
+        return self.d_model
+
+    def init_hidden_state(self, batch_size: int, device: torch.device) -> HiddenState:
+        shape = (batch_size, self.n_layers, self.n_heads, self.max_seq_len, self.head_dim)
+        kv = dict(dtype=self.inp.weight.dtype, device=device)
+        return {"k": torch.zeros(shape, **kv), "v": torch.zeros(shape, **kv),
+                "n_valid": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+    def _embed(self, seq: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Input embedding + additive position embedding; RoPE angles [B, 1, T, dh/2] if rope."""
+        x = self.inp(seq)
+        if self.pos_emb == "rope":
+            return x, _angles(t, self.head_dim // 2).unsqueeze(1)
+        pos = sinusoid(t, self.d_model) if self.pos_emb == "fixed" else self.pos_table(t % self.max_seq_len)
+        return x + pos.to(x.dtype), None
+
+    def forward(self, seq: torch.Tensor, time_idxs: Optional[torch.Tensor],
+                hidden_state: Optional[HiddenState] = None,
+                log_dict: Optional[dict] = None) -> tuple[torch.Tensor, Optional[HiddenState]]:
+        self.check_input(seq)
+        if time_idxs is None or tuple(time_idxs.shape) != (*seq.shape[:2], 1):
+            got = None if time_idxs is None else tuple(time_idxs.shape)
+            raise ValueError(f"time_idxs must have shape [batch, time, 1] = {(*seq.shape[:2], 1)}, got {got}")
+        x, angles = self._embed(seq, time_idxs[..., 0].long())
+        x = self.dropout(x)
+        W = self.max_seq_len
+        if hidden_state is None:
+            pasts, first_valid = [None] * self.n_layers, None
+        else:
+            pasts = list(zip(hidden_state["k"].unbind(1), hidden_state["v"].unbind(1)))
+            first_valid = W - hidden_state["n_valid"]
+        kvs = []
+        for block, past in zip(self.blocks, pasts):
+            x, kv = block(x, past, W, first_valid, angles)
+            kvs.append(kv)
+        if log_dict is not None:
+            self._log(x, log_dict)
+        x = self.out_norm(x)
+        if hidden_state is None:
+            return x, None
+        dtype = hidden_state["k"].dtype
+        return x, {"k": torch.stack([k[:, :, -W:] for k, _ in kvs], dim=1).to(dtype),
+                   "v": torch.stack([v[:, :, -W:] for _, v in kvs], dim=1).to(dtype),
+                   "n_valid": (hidden_state["n_valid"] + seq.shape[1]).clamp(max=W)}
+
+    @torch.no_grad()
+    def _log(self, x: torch.Tensor, log_dict: dict) -> None:
+        """Cheap health signals as detached 0-dim tensors: residual-stream size, σReparam scales."""
+        log_dict["transformer/residual_norm"] = x.norm(dim=-1).mean()
+        scales = [m.gamma / m.sigma() for m in self.modules() if isinstance(m, SigmaReparamLinear)]
+        if scales:
+            log_dict["transformer/sigma_reparam_scale"] = torch.stack(scales).mean()
