@@ -30,82 +30,97 @@ except (ImportError, OSError):
 
 # Device types on which the fused kernels above are used (tests point this at "cpu" with stand-ins).
 FUSED_DEVICES = ("cuda",)
-# Time steps per block of the blocked scan: log2(SCAN_CHUNK) doubling steps over the whole tensor,
-# then a (much smaller) scan over the block ends. Chosen by timing fwd+bwd on CPU.
-SCAN_CHUNK = 16
+# The scan runs over time chunks sized so one [batch, steps, d_inner, d_state] fp32 tensor stays
+# under this many bytes: the CPU allocator recycles blocks this small, whereas bigger ones come
+# fresh from the OS on every call and their page faults made a whole-sequence scan ~2-4x slower.
+CHUNK_BYTES = 16 * 2**20
 
 
-def _doubling_scan(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Hillis-Steele inclusive scan along dim 1 of the pairs (a_t, b_t) under
-    (a1, b1)∘(a2, b2) = (a1 a2, a2 b1 + b2). Returns (prod_{s<=t} a_s, h_t from a zero state).
+def _scan(a: Tensor, b: Tensor, h0: Optional[Tensor]) -> Tensor:
+    """All h_t = a_t h_{t-1} + b_t along dim 1, with h_{-1} = h0 (zero if None); no autograd.
 
-    Only products of decays <= 1 appear, so nothing can overflow however long the sequence.
+    A parallel associative scan over the pairs (a, b), (a1, b1)∘(a2, b2) = (a1 a2, a2 b1 + b2),
+    in its work-efficient odd-even form: fold each pair of neighbouring steps into one, scan the
+    half-length sequence recursively (which yields the odd steps), then fill in the even steps
+    from their odd predecessors. log2(L) levels of vectorised ops and O(L) work in all, which on
+    a CPU beats the O(L log L) Hillis-Steele doubling (it is memory-bound). Only products of
+    decays <= 1 appear, so nothing can overflow however long the sequence.
     """
-    a, b = a.clone(), b.clone()
-    k = 1
-    while k < a.shape[1]:
-        # The right-hand sides are materialised before the slice assignment, so no aliasing.
-        b[:, k:] += a[:, k:] * b[:, :-k]
-        a[:, k:] = a[:, k:] * a[:, :-k]
-        k *= 2
-    return a, b
-
-
-def _blocked_scan(a: Tensor, b: Tensor, h0: Optional[Tensor], chunk: int) -> Tensor:
-    """h_t = a_t h_{t-1} + b_t along dim 1 with h_{-1} = h0 (zero if None).
-
-    Every block of ``chunk`` steps is scanned from zero in parallel; the states at the block ends
-    are then scanned recursively (a sequence ``chunk`` times shorter), and each block adds its
-    entering state times its cumulative decay.
-    """
-    batch, length, rest = a.shape[0], a.shape[1], a.shape[2:]
-    chunk = min(chunk, length)
-    n_blocks = -(-length // chunk)
-    pad = n_blocks * chunk - length
-    if pad:  # identity elements (a=1, b=0) leave the scan unchanged
-        a = torch.cat([a, a.new_ones(batch, pad, *rest)], 1)
-        b = torch.cat([b, b.new_zeros(batch, pad, *rest)], 1)
-    decay, h = (t.view(batch, n_blocks, chunk, *rest) for t in _doubling_scan(
-        a.reshape(batch * n_blocks, chunk, *rest), b.reshape(batch * n_blocks, chunk, *rest)))
-    if n_blocks == 1:
-        entering = h0
+    length, m = a.shape[1], a.shape[1] // 2
+    h = torch.empty_like(b)
+    if h0 is None:
+        h[:, 0] = b[:, 0]
     else:
-        ends = _blocked_scan(decay[:, :, -1], h[:, :, -1], h0, chunk)
-        first = h0 if h0 is not None else torch.zeros_like(ends[:, 0])
-        entering = torch.cat([first.unsqueeze(1), ends[:, :-1]], 1)
-    if entering is not None:
-        h.addcmul_(decay, entering.view(batch, n_blocks, 1, *rest))
-    h = h.view(batch, n_blocks * chunk, *rest)
-    return h[:, :length] if pad else h
+        torch.addcmul(b[:, 0], a[:, 0], h0, out=h[:, 0])
+    if length > 1:
+        a_even, a_odd, b_even, b_odd = a[:, 0:2 * m:2], a[:, 1::2], b[:, 0:2 * m:2], b[:, 1::2]
+        h[:, 1::2] = odd = _scan(a_even * a_odd, torch.addcmul(b_odd, a_odd, b_even), h0)
+        torch.addcmul(b[:, 2::2], a[:, 2::2], odd[:, :(length - 1) // 2], out=h[:, 2::2])
+    return h
 
 
-class _LinearScan(torch.autograd.Function):
-    """Autograd for h_t = a_t h_{t-1} + b_t: the backward pass is the same scan run in reverse
-    (dL/dh_t = g_t + a_{t+1} dL/dh_{t+1}), so only a and h are kept instead of every
-    intermediate of the doubling steps."""
+def _reverse_scan(a: Tensor, g: Tensor) -> Tensor:
+    """All G_t = g_t + a_{t+1} G_{t+1} along dim 1, with G_L = 0: ``_scan`` on reversed time."""
+    reverse = torch.arange(a.shape[1] - 1, -1, -1, device=a.device)
+    # Reversed step s decays by a_{L-s}; step 0 starts from zero, so its decay is never used.
+    return _scan(a.index_select(1, reverse.roll(1)), g.index_select(1, reverse), None).index_select(1, reverse)
+
+
+def _chunk_states(delta: Tensor, u: Tensor, A: Tensor, B: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
+    """Decays exp(Δ_t A) and states h_t [batch, steps, d_inner, d_state] of one time chunk."""
+    decay = torch.mul(delta.unsqueeze(-1), A).exp_()
+    return decay, _scan(decay, (delta * u).unsqueeze(-1) * B.unsqueeze(-2), h0)
+
+
+class _SelectiveScan(torch.autograd.Function):
+    """y_t = C_t·h_t with h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t, on time-major fp32 tensors,
+    run over time chunks that carry the state; returns (y, last state).
+
+    Backward keeps only each chunk's entry state, recomputes the chunk's states, and runs the
+    adjoint recurrence dL/dh_t = C_t dL/dy_t + exp(Δ_{t+1} A) dL/dh_{t+1} with the same scan in
+    reverse, chunk by chunk from the end, so no [batch, L, d_inner, d_state] tensor is ever built.
+    """
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, h0: Optional[Tensor], chunk: int) -> Tensor:
-        h = _blocked_scan(a, b, h0, chunk)
-        ctx.save_for_backward(a, h, h0)
-        ctx.chunk = chunk
-        return h
+    def forward(ctx, delta: Tensor, u: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor,
+                steps: int) -> tuple[Tensor, Tensor]:
+        ys, entries, h = [], [], h0
+        for start in range(0, delta.shape[1], steps):
+            t = slice(start, start + steps)
+            entries.append(h)
+            _, states = _chunk_states(delta[:, t], u[:, t], A, B[:, t], h)
+            ys.append((states @ C[:, t].unsqueeze(-1)).squeeze(-1))
+            h = states[:, -1].clone()
+        ctx.steps = steps
+        ctx.save_for_backward(delta, u, A, B, C, *entries)
+        return torch.cat(ys, 1), h
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_h: Tensor):
-        a, h, h0 = ctx.saved_tensors
-        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1)
-        grad_b = _blocked_scan(a_next.flip(1), grad_h.flip(1), None, ctx.chunk).flip(1)
-        h_prev = torch.cat([(h0 if h0 is not None else torch.zeros_like(h[:, 0])).unsqueeze(1),
-                            h[:, :-1]], 1)
-        grad_h0 = a[:, 0] * grad_b[:, 0] if h0 is not None else None
-        return grad_b * h_prev, grad_b, grad_h0, None
-
-
-def linear_scan(a: Tensor, b: Tensor, h0: Optional[Tensor] = None, chunk: int = SCAN_CHUNK) -> Tensor:
-    """All states of h_t = a_t h_{t-1} + b_t (time on dim 1, h_{-1} = h0 or zero)."""
-    return _LinearScan.apply(a, b, h0, chunk)
+    def backward(ctx, grad_y: Tensor, grad_last: Tensor):
+        delta, u, A, B, C, *entries = ctx.saved_tensors
+        grad_delta, grad_u, grad_B, grad_C = map(torch.empty_like, (delta, u, B, C))
+        grad_A = torch.zeros_like(A)
+        carry = grad_last  # dL/dh at the end of the chunk, from all later steps
+        for k in reversed(range(len(entries))):
+            t = slice(k * ctx.steps, (k + 1) * ctx.steps)
+            dt, ut, Bt, gy, h0 = delta[:, t], u[:, t], B[:, t], grad_y[:, t], entries[k]
+            decay, states = _chunk_states(dt, ut, A, Bt, h0)
+            grad_h = gy.unsqueeze(-1) * C[:, t].unsqueeze(-2)
+            grad_h[:, -1] += carry
+            grad_h = _reverse_scan(decay, grad_h)                            # dL/dh_t
+            grad_C[:, t] = (states.mT @ gy.unsqueeze(-1)).squeeze(-1)
+            grad_B[:, t] = (grad_h.mT @ (dt * ut).unsqueeze(-1)).squeeze(-1)
+            grad_du = (grad_h @ Bt.unsqueeze(-1)).squeeze(-1)
+            carry = decay[:, 0] * grad_h[:, 0]
+            # dL/d(Δ_t A) = dL/dh_t * h_{t-1} * exp(Δ_t A), built in place in grad_h's buffer
+            grad_log_decay = grad_h.mul_(decay)
+            grad_log_decay[:, 1:] *= states[:, :-1]
+            grad_log_decay[:, 0] *= h0
+            grad_delta[:, t] = grad_du * ut + (grad_log_decay * A).sum(-1)
+            grad_u[:, t] = grad_du * dt
+            grad_A += grad_log_decay.mul_(dt.unsqueeze(-1)).sum((0, 1))
+        return grad_delta, grad_u, grad_A, grad_B, grad_C, carry, None
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -116,7 +131,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     """mamba-ssm's ``selective_scan_fn`` contract (3-D B/C only) plus ``initial_state``.
 
     u, delta, z: [batch, d_inner, L]; A: [d_inner, d_state]; B, C: [batch, d_state, L];
-    D, delta_bias: [d_inner]; initial_state: [batch, d_inner, d_state].
+    D, delta_bias: [d_inner]; initial_state: [batch, d_inner, d_state] (zeros if None).
     Returns y [batch, d_inner, L] in u's dtype (and the fp32 last state if asked).
     """
     dtype = u.dtype
@@ -128,17 +143,15 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             delta = delta + delta_bias.float()
         if delta_softplus:
             delta = F.softplus(delta)
-        decay = torch.exp(delta.unsqueeze(-1) * A.float())               # [batch, L, d_inner, d_state]
-        drive = (delta * u).unsqueeze(-1) * B.unsqueeze(-2)               # [batch, L, d_inner, d_state]
-        h0 = None if initial_state is None else initial_state.float()
-        h = linear_scan(decay, drive, h0)
-        y = (h @ C.unsqueeze(-1)).squeeze(-1)                             # [batch, L, d_inner]
+        h0 = u.new_zeros(u.shape[0], *A.shape) if initial_state is None else initial_state.float()
+        steps = max(1, CHUNK_BYTES // (4 * h0.numel()))
+        y, last = _SelectiveScan.apply(delta, u, A.float(), B, C, h0, steps)  # y: [batch, L, d_inner]
         if D is not None:
             y = y + D.float() * u
         if z is not None:
             y = y * F.silu(z.float().mT)
     y = y.mT.to(dtype)
-    return (y, h[:, -1]) if return_last_state else y
+    return (y, last) if return_last_state else y
 
 
 def fused_selective_scan(scan_fn: Callable[..., Tensor | tuple[Tensor, Tensor]],

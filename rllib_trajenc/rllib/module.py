@@ -1,0 +1,162 @@
+"""TrajEncoderRLModule: observation -> TstepEncoder -> TrajEncoder -> actor and critic heads.
+
+One ``_forward`` serves the env runner ([B, 1, ...] with STATE_IN, one step per call) and the
+learner ([B, max_seq_len, ...] zero-padded chunks whose STATE_IN is the state before the chunk),
+so both compute the same function and the learner reproduces the rollout's log-probs.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.distribution.torch.torch_distribution import (
+    TorchCategorical, TorchDiagGaussian, TorchDistribution, TorchMultiCategorical,
+)
+from ray.rllib.core.learner.utils import make_target_network
+from ray.rllib.core.rl_module.apis import (
+    TARGET_NETWORK_ACTION_DIST_INPUTS, InferenceOnlyAPI, TargetNetworkAPI, ValueFunctionAPI,
+)
+from ray.rllib.core.rl_module.torch import TorchRLModule
+from ray.rllib.utils.annotations import override
+
+from rllib_trajenc.nets.base import HiddenState, TrajEncoder
+from rllib_trajenc.rllib.config import TrajEncoderModelConfig
+from rllib_trajenc.rllib.tstep_encoder import MLP, TstepEncoder
+
+# STATE_IN/STATE_OUT hold the encoder's state plus this entry: the episode time index of the
+# next step, which the Transformer needs for its position embedding.
+TIME_KEY = "t"
+
+# The nets that APPO's target policy copies (everything on the path from obs to action logits).
+_TARGETED = ("tstep_encoder", "traj_encoder", "pi")
+
+SUPPORTED_ACTIONS = "Discrete and MultiDiscrete (1-D nvec) starting at 0, Box (1-D, float)"
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def action_dist_for(space: gym.Space) -> tuple[type[TorchDistribution], int]:
+    """RLlib's action distribution for ``space`` and how many inputs it takes from the actor head."""
+    # RLlib's categoricals sample from 0, so a nonzero ``start`` would send the env wrong actions.
+    if isinstance(space, gym.spaces.Discrete) and space.start == 0:
+        return TorchCategorical, int(space.n)
+    if isinstance(space, gym.spaces.MultiDiscrete) and space.nvec.ndim == 1 and not space.start.any():
+        lens = [int(n) for n in space.nvec]
+        return TorchMultiCategorical.get_partial_dist_cls(space=space, input_lens=lens), sum(lens)
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1 and np.issubdtype(space.dtype, np.floating):
+        return TorchDiagGaussian, 2 * space.shape[0]  # mean and log_std per action dim
+    raise ValueError(f"TrajEncoderRLModule cannot act in the action space {space}; supported: {SUPPORTED_ACTIONS}")
+
+
+class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, InferenceOnlyAPI):
+    """Actor-critic RLModule around any TrajEncoder; see TrajEncoderModelConfig for its model_config.
+
+    Memory-free encoders (FF) make a stateless module: RLlib then sends no STATE_IN and no
+    time dim, and every row is treated as a one-step sequence.
+    """
+
+    @override(TorchRLModule)
+    def setup(self) -> None:
+        cfg = TrajEncoderModelConfig.from_model_config(self.model_config)
+        self.action_dist_cls, n_dist_inputs = action_dist_for(self.action_space)
+        self.tstep_encoder = TstepEncoder(self.observation_space, cfg.tstep_dim, cfg.tstep_hiddens, cfg.activation)
+        self.traj_encoder = cfg.build_traj_encoder()
+        emb_dim = self.traj_encoder.emb_dim
+        self.pi = MLP(emb_dim, cfg.head_hiddens, n_dist_inputs, cfg.activation)
+        self.vf = MLP(emb_dim, cfg.head_hiddens, 1, cfg.activation)
+
+    @override(TorchRLModule)
+    def get_initial_state(self) -> dict[str, np.ndarray]:
+        state = self.traj_encoder.init_hidden_state(1, torch.device("cpu"))
+        if state is None:
+            return {}
+        if TIME_KEY in state:
+            raise ValueError(f"{type(self.traj_encoder).__name__}'s state may not use the key {TIME_KEY!r}")
+        return {**{key: value[0].numpy() for key, value in state.items()}, TIME_KEY: np.zeros((), np.int64)}
+
+    @override(TorchRLModule)
+    def _forward(self, batch: dict[str, Any], *, keep_embeddings: bool = False, **kwargs) -> dict[str, Any]:
+        embeddings, state_out = self._embed(batch, self.tstep_encoder, self.traj_encoder)
+        out = {Columns.ACTION_DIST_INPUTS: self.pi(embeddings)}
+        if state_out:
+            out[Columns.STATE_OUT] = state_out
+        if keep_embeddings:
+            out[Columns.EMBEDDINGS] = embeddings
+        return out
+
+    @override(TorchRLModule)
+    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        # The loss hands the embeddings to compute_values, sparing a second encoder pass.
+        return self._forward(batch, keep_embeddings=True, **kwargs)
+
+    @override(ValueFunctionAPI)
+    def compute_values(self, batch: dict[str, Any], embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if embeddings is None:
+            # A value pass outside the loss (PPO's GAE connector) runs in eval mode like a rollout:
+            # no dropout noise in the targets, and no train-mode side effect (e.g. sigma-reparam's
+            # power step) that would make the next forward_train differ from the env runner.
+            with _eval_mode(self):
+                embeddings, _ = self._embed(batch, self.tstep_encoder, self.traj_encoder)
+        return self.vf(embeddings).squeeze(-1)
+
+    @override(TargetNetworkAPI)
+    def make_target_networks(self) -> None:
+        for name in _TARGETED:
+            setattr(self, f"_old_{name}", make_target_network(getattr(self, name)))
+
+    @override(TargetNetworkAPI)
+    def get_target_network_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+        return [(getattr(self, name), getattr(self, f"_old_{name}")) for name in _TARGETED]
+
+    @override(TargetNetworkAPI)
+    def forward_target(self, batch: dict[str, Any]) -> dict[str, Any]:
+        # The target encoder starts from the behaviour policy's STATE_IN (the only state stored).
+        embeddings, _ = self._embed(batch, self._old_tstep_encoder, self._old_traj_encoder)
+        return {TARGET_NETWORK_ACTION_DIST_INPUTS: self._old_pi(embeddings)}
+
+    @override(InferenceOnlyAPI)
+    def get_non_inference_attributes(self) -> list[str]:
+        return ["vf", *(f"_old_{name}" for name in _TARGETED)]
+
+    def _embed(self, batch: dict[str, Any], tstep_encoder: TstepEncoder,
+               traj_encoder: TrajEncoder) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Obs [B, (T,) ...] -> embeddings [B, (T,) emb_dim] and the state after the last step.
+
+        Sequences continue from STATE_IN when the batch has one, else start an episode.
+        """
+        x = tstep_encoder(batch[Columns.OBS])
+        has_time_dim = x.dim() == 3
+        if not has_time_dim:
+            x = x.unsqueeze(1)
+        hidden, t0 = self._state_to_encoder(batch.get(Columns.STATE_IN), x)
+        steps = x.shape[1]
+        time_idxs = (t0.view(-1, 1) + torch.arange(steps, device=x.device)).unsqueeze(-1)
+        out, hidden = traj_encoder(x, time_idxs, hidden_state=hidden)
+        return (out if has_time_dim else out.squeeze(1)), self._state_from_encoder(hidden, t0 + steps)
+
+    @staticmethod
+    def _state_to_encoder(state_in: Optional[dict[str, torch.Tensor]],
+                          x: torch.Tensor) -> tuple[Optional[HiddenState], torch.Tensor]:
+        """STATE_IN -> (encoder state or None for an episode start, episode time index [B])."""
+        if not state_in:
+            return None, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        hidden = {key: value for key, value in state_in.items() if key != TIME_KEY}
+        return hidden, state_in[TIME_KEY].long()
+
+    @staticmethod
+    def _state_from_encoder(hidden: Optional[HiddenState], t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encoder state after the sequence -> STATE_OUT ({} when the encoder keeps none)."""
+        return {} if hidden is None else {**hidden, TIME_KEY: t}

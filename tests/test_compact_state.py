@@ -1,0 +1,117 @@
+"""Compact state storage: the learner still recomputes the rollout, with far fewer bytes."""
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import numpy as np
+import pytest
+import ray
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.examples.envs.classes.stateless_cartpole import StatelessCartPole
+
+from rllib_trajenc.rllib import TrajEncoderRLModule, with_traj_encoder
+from rllib_trajenc.rllib.compact_state import STORE_KEY, StateStore, stored_state_bytes
+from test_rllib_module import ENCODER_CONFIGS, MAX_SEQ_LEN, SMALL_NETS, logp_error, sample_and_recompute
+
+STATEFUL = ["gru", "mamba", "transformer"]
+
+
+def ppo_config() -> PPOConfig:
+    return (
+        PPOConfig()
+        .environment(StatelessCartPole)
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=3)
+        .learners(num_learners=0)
+        .training(train_batch_size_per_learner=64, minibatch_size=32, num_epochs=1)
+        .debugging(seed=0)
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def state_bytes_per_step(episodes: list) -> float:
+    return sum(stored_state_bytes(e) for e in episodes) / sum(len(e) for e in episodes)
+
+
+@pytest.mark.parametrize("encoder", STATEFUL)
+def test_compact_store_is_exact_and_smaller_than_rllib_default(ray_session, encoder):
+    """Same rollout, same learner log-probs; the store holds a fraction of RLlib's per-step state."""
+    compact = with_traj_encoder(ppo_config(), encoder, max_seq_len=MAX_SEQ_LEN,
+                                encoder_config=ENCODER_CONFIGS[encoder], **SMALL_NETS).build_algo()
+    model_config = compact.config.rl_module_spec.model_config
+    default = ppo_config().rl_module(rl_module_spec=RLModuleSpec(
+        module_class=TrajEncoderRLModule, model_config=model_config)).build_algo()
+    try:
+        measured = {}
+        for name, algo in (("compact", compact), ("default", default)):
+            episodes, batch, module = sample_and_recompute(algo)
+            assert logp_error(module, batch) <= 1e-4, name
+            measured[name] = state_bytes_per_step(episodes)
+        stored = [e for e in episodes if Columns.STATE_OUT in e.extra_model_outputs]
+        assert stored, "RLlib's default path stores STATE_OUT every step"
+        print(f"{encoder}: state bytes/step compact {measured['compact']:.0f}, "
+              f"RLlib default {measured['default']:.0f}")
+        assert measured["compact"] < measured["default"] / 2
+    finally:
+        compact.stop()
+        default.stop()
+
+
+def test_snapshots_sit_where_the_learner_starts_its_rows(ray_session):
+    algo = with_traj_encoder(ppo_config(), "gru", max_seq_len=MAX_SEQ_LEN,
+                             encoder_config=ENCODER_CONFIGS["gru"], **SMALL_NETS).build_algo()
+    try:
+        episodes = [e for _ in range(4) for e in algo.env_runner.sample(num_timesteps=40, explore=True)]
+    finally:
+        algo.stop()
+    for episode in episodes:
+        store = episode.custom_data[STORE_KEY]
+        assert sorted(store.snapshots) == list(range(0, len(episode), MAX_SEQ_LEN))
+        # The fresh-episode state is never stored; every other snapshot is.
+        assert (store.snapshots[0] is None) == (episode.t_started == 0)
+        assert all(store.snapshots[o] is not None for o in store.snapshots if o > 0)
+        # A finished chunk keeps its last state only where a bootstrap row would start from it.
+        if episode.is_done:
+            assert (store.running is not None) == (len(episode) % MAX_SEQ_LEN == 0)
+
+
+def test_cutting_an_episode_carries_the_state_not_the_snapshots():
+    store = StateStore(t_started=5, running={"h": np.ones(3, np.float32)})
+    store.snapshots[0] = {"h": np.zeros(3, np.float32)}
+    successor = copy.deepcopy({STORE_KEY: store})[STORE_KEY]
+    assert successor.running is store.running and successor.snapshots == {}
+
+
+def test_missing_snapshot_is_reported():
+    store = StateStore(t_started=0)
+    store.snapshots[0] = None
+    assert store.state_before(8, 8) is None  # the bootstrap row after an 8-step chunk
+    with pytest.raises(ValueError, match="no stored encoder state before step 16"):
+        store.state_before(16, 8)
+
+
+class CountCalls(ConnectorV2):
+    calls = 0
+
+    def __call__(self, *, batch, **kwargs):
+        CountCalls.calls += 1
+        return batch
+
+
+def test_user_connectors_are_kept_and_installing_twice_does_not_nest(ray_session):
+    config = ppo_config().env_runners(env_to_module_connector=lambda env, spaces, device: CountCalls())
+    for _ in range(2):
+        config = with_traj_encoder(config, "gru", max_seq_len=MAX_SEQ_LEN,
+                                   encoder_config=ENCODER_CONFIGS["gru"], **SMALL_NETS)
+    pieces = config.build_env_to_module_connector(spaces=None).connectors
+    names = [type(p).__name__ for p in pieces]
+    assert names[0] == "CountCalls" and names.count("AddStatesFromEpisodeStore") == 1
