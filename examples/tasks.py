@@ -62,7 +62,9 @@ PPO_DEFAULTS: dict[str, Any] = {
 TASKS: dict[str, Task] = {
     "stateless_cartpole": Task(
         env="StatelessCartPole", make_env=_stateless_cartpole, env_config={},
-        target_return=150.0, max_env_steps=400_000, max_seq_len=32),
+        target_return=150.0, max_env_steps=400_000, max_seq_len=32,
+        ppo={"lr": 5e-4, "vf_loss_coeff": 0.01, "train_batch_size_per_learner": 1024,
+             "minibatch_size": 256}),
     "delayed_recall": Task(
         env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": 100},
         target_return=0.9, max_env_steps=600_000, max_seq_len=128,
@@ -70,8 +72,8 @@ TASKS: dict[str, Task] = {
     "popgym_repeat_previous_easy": Task(
         env="RepeatPreviousEasy", make_env=_popgym("RepeatPreviousEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64),
-    "popgym_stateless_cartpole_easy": Task(
-        env="StatelessCartPoleEasy", make_env=_popgym("StatelessCartPoleEasy"), env_config={},
+    "popgym_position_only_cartpole_easy": Task(
+        env="PositionOnlyCartPoleEasy", make_env=_popgym("PositionOnlyCartPoleEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64),
     "popgym_repeat_previous_medium": Task(
         env="RepeatPreviousMedium", make_env=_popgym("RepeatPreviousMedium"), env_config={},
