@@ -2,40 +2,20 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterator
 
 import numpy as np
 import pytest
-import ray
-from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.examples.envs.classes.stateless_cartpole import StatelessCartPole
 
-from rllib_trajenc.rllib import TrajEncoderRLModule, with_traj_encoder
+from rllib_trajenc.rllib import TrajEncoderRLModule
 from rllib_trajenc.rllib.compact_state import STORE_KEY, StateStore, stored_state_bytes
-from test_rllib_module import ENCODER_CONFIGS, MAX_SEQ_LEN, SMALL_NETS, logp_error, sample_and_recompute
+from test_rllib_module import (  # noqa: F401 (ray_session is a fixture)
+    MAX_SEQ_LEN, logp_error, ppo_config, ray_session, sample_and_recompute, with_small_encoder,
+)
 
 STATEFUL = ["gru", "mamba", "transformer"]
-
-
-def ppo_config() -> PPOConfig:
-    return (
-        PPOConfig()
-        .environment(StatelessCartPole)
-        .env_runners(num_env_runners=0, num_envs_per_env_runner=3)
-        .learners(num_learners=0)
-        .training(train_batch_size_per_learner=64, minibatch_size=32, num_epochs=1)
-        .debugging(seed=0)
-    )
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def state_bytes_per_step(episodes: list) -> float:
@@ -45,8 +25,7 @@ def state_bytes_per_step(episodes: list) -> float:
 @pytest.mark.parametrize("encoder", STATEFUL)
 def test_compact_store_is_exact_and_smaller_than_rllib_default(ray_session, encoder):
     """Same rollout, same learner log-probs; the store holds a fraction of RLlib's per-step state."""
-    compact = with_traj_encoder(ppo_config(), encoder, max_seq_len=MAX_SEQ_LEN,
-                                encoder_config=ENCODER_CONFIGS[encoder], **SMALL_NETS).build_algo()
+    compact = with_small_encoder(ppo_config(), encoder).build_algo()
     model_config = compact.config.rl_module_spec.model_config
     default = ppo_config().rl_module(rl_module_spec=RLModuleSpec(
         module_class=TrajEncoderRLModule, model_config=model_config)).build_algo()
@@ -67,8 +46,7 @@ def test_compact_store_is_exact_and_smaller_than_rllib_default(ray_session, enco
 
 
 def test_snapshots_sit_where_the_learner_starts_its_rows(ray_session):
-    algo = with_traj_encoder(ppo_config(), "gru", max_seq_len=MAX_SEQ_LEN,
-                             encoder_config=ENCODER_CONFIGS["gru"], **SMALL_NETS).build_algo()
+    algo = with_small_encoder(ppo_config(), "gru").build_algo()
     try:
         episodes = [e for _ in range(4) for e in algo.env_runner.sample(num_timesteps=40, explore=True)]
     finally:
@@ -110,8 +88,7 @@ class CountCalls(ConnectorV2):
 def test_user_connectors_are_kept_and_installing_twice_does_not_nest(ray_session):
     config = ppo_config().env_runners(env_to_module_connector=lambda env, spaces, device: CountCalls())
     for _ in range(2):
-        config = with_traj_encoder(config, "gru", max_seq_len=MAX_SEQ_LEN,
-                                   encoder_config=ENCODER_CONFIGS["gru"], **SMALL_NETS)
+        config = with_small_encoder(config, "gru")
     pieces = config.build_env_to_module_connector(spaces=None).connectors
     names = [type(p).__name__ for p in pieces]
     assert names[0] == "CountCalls" and names.count("AddStatesFromEpisodeStore") == 1

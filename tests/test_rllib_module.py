@@ -1,4 +1,7 @@
-"""TrajEncoderRLModule in RLlib: the learner recomputes the rollout, PPO/APPO train, bad input fails early."""
+"""TrajEncoderRLModule in RLlib: the learner recomputes the rollout, PPO trains, bad input fails early.
+
+IMPALA and APPO: test_algorithms.py.
+"""
 from __future__ import annotations
 
 from typing import Any, Iterator
@@ -10,7 +13,7 @@ import ray
 import torch
 import tree
 from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.algorithms.appo import APPOConfig
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
@@ -51,15 +54,15 @@ def build_module(obs_space: gym.Space = CARTPOLE_OBS, action_space: gym.Space = 
 
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    # A Ray of our own: without address="local", ray.init joins any cluster running on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
 
 
-@pytest.fixture(scope="module", params=ENCODERS)
-def ppo(request, ray_session) -> Iterator[Algorithm]:
+def ppo_config() -> PPOConfig:
     """A local-only PPO (env runner and learner in this process) on StatelessCartPole."""
-    config = (
+    return (
         PPOConfig()
         .environment(StatelessCartPole)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=3)
@@ -67,8 +70,17 @@ def ppo(request, ray_session) -> Iterator[Algorithm]:
         .training(train_batch_size_per_learner=64, minibatch_size=32, num_epochs=1)
         .debugging(seed=0)
     )
-    algo = with_traj_encoder(config, request.param, max_seq_len=MAX_SEQ_LEN,
-                             encoder_config=ENCODER_CONFIGS[request.param], **SMALL_NETS).build_algo()
+
+
+def with_small_encoder(config: AlgorithmConfig, encoder: str) -> AlgorithmConfig:
+    """``config`` with a TrajEncoderRLModule of ``encoder`` at this file's small sizes."""
+    return with_traj_encoder(config, encoder, max_seq_len=MAX_SEQ_LEN,
+                             encoder_config=ENCODER_CONFIGS[encoder], **SMALL_NETS)
+
+
+@pytest.fixture(scope="module", params=ENCODERS)
+def ppo(request, ray_session) -> Iterator[Algorithm]:
+    algo = with_small_encoder(ppo_config(), request.param).build_algo()
     yield algo
     algo.stop()
 
@@ -127,31 +139,6 @@ def test_ppo_trains(ppo):
     # After updates and the weight sync, the learner still recomputes what the env runner did.
     _, batch, module = sample_and_recompute(ppo)
     assert logp_error(module, batch) <= 1e-4
-
-
-def test_appo_trains_with_target_networks(ray_session):
-    config = (
-        APPOConfig()
-        .environment(StatelessCartPole)
-        .env_runners(num_env_runners=0, num_envs_per_env_runner=3, rollout_fragment_length=16)
-        .learners(num_learners=0)
-        .training(train_batch_size_per_learner=48, use_kl_loss=True)
-        .reporting(min_time_s_per_iteration=0)
-        .debugging(seed=0)
-    )
-    algo = with_traj_encoder(config, "transformer", max_seq_len=MAX_SEQ_LEN,
-                             encoder_config=ENCODER_CONFIGS["transformer"], **SMALL_NETS).build_algo()
-    try:
-        stats = {}
-        for _ in range(10):  # APPO learns asynchronously; early iterations may report no update
-            stats = algo.train().get("learners", {}).get(DEFAULT_MODULE_ID, {})
-            if "policy_loss" in stats:
-                break
-        # The loss runs forward_target, and its KL term compares the target with the policy.
-        assert np.isfinite(stats["policy_loss"]) and np.isfinite(stats["mean_kl_loss"])
-        assert len(algo.learner_group._learner.module[DEFAULT_MODULE_ID].get_target_network_pairs()) == 3
-    finally:
-        algo.stop()
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -272,6 +259,19 @@ def test_bad_model_config_fails_in_with_traj_encoder(overrides, message):
     encoder, encoder_config = config.pop("traj_encoder"), config.pop("traj_encoder_config")
     with pytest.raises(ValueError, match=message):
         with_traj_encoder(PPOConfig(), encoder, encoder_config=encoder_config, **config)
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(encoder=3), r"traj_encoder=3 is not supported; choose one of \['ff', 'gru'.* or pass a TrajEncoder subclass"),
+    (dict(encoder_config="x"), r"encoder_config='x' must be a dict of the encoder's kwargs or None"),
+    (dict(max_seq_len="8"), r"max_seq_len='8' must be a positive int"),
+    (dict(config=PPOConfig), r"config=<class .*PPOConfig'> must be an AlgorithmConfig instance such as PPOConfig\(\)"),
+    (dict(config=None), r"config=None must be an AlgorithmConfig instance"),
+], ids=["encoder-int", "encoder_config-str", "max_seq_len-str", "config-class", "config-none"])
+def test_with_traj_encoder_rejects_wrong_types(args, message):
+    args = {"config": PPOConfig(), "encoder": "gru", "max_seq_len": MAX_SEQ_LEN, **args}
+    with pytest.raises(ValueError, match=message):
+        with_traj_encoder(args.pop("config"), args.pop("encoder"), **args)
 
 
 def test_missing_max_seq_len_is_named():

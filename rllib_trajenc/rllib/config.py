@@ -136,10 +136,16 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
 
     ``model_config`` takes the other keys of TrajEncoderModelConfig (tstep_dim, head_hiddens, ...).
     """
-    # Imported here: the module imports this file for its config checks.
+    # Imported here: the module imports this file for its config checks, and AlgorithmConfig
+    # would load most of RLlib with this package.
+    from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
     from rllib_trajenc.rllib.compact_state import install_compact_state
     from rllib_trajenc.rllib.module import TrajEncoderRLModule
 
+    if not isinstance(config, AlgorithmConfig):
+        raise ValueError(f"config={config!r} must be an AlgorithmConfig instance such as PPOConfig()")
+    if not isinstance(encoder_config, (Mapping, type(None))):
+        raise ValueError(f"encoder_config={encoder_config!r} must be a dict of the encoder's kwargs or None")
     model_config = {"traj_encoder": encoder, "traj_encoder_config": dict(encoder_config or {}),
                     "max_seq_len": max_seq_len, **model_config}
     # Building the encoder once also catches bad values of its kwargs (sizes, norms, ...).

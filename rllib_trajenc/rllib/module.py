@@ -7,7 +7,7 @@ so both compute the same function and the learner reproduces the rollout's log-p
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -19,18 +19,27 @@ from ray.rllib.core.distribution.torch.torch_distribution import (
 )
 from ray.rllib.core.learner.utils import make_target_network
 from ray.rllib.core.rl_module.apis import (
-    TARGET_NETWORK_ACTION_DIST_INPUTS, InferenceOnlyAPI, TargetNetworkAPI, ValueFunctionAPI,
+    TARGET_NETWORK_ACTION_DIST_INPUTS, InferenceOnlyAPI, SelfSupervisedLossAPI, TargetNetworkAPI,
+    ValueFunctionAPI,
 )
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
+from ray.rllib.utils.typing import ModuleID
 
 from rllib_trajenc.nets.base import HiddenState, TrajEncoder
 from rllib_trajenc.rllib.config import TrajEncoderModelConfig
 from rllib_trajenc.rllib.tstep_encoder import MLP, TstepEncoder
 
+if TYPE_CHECKING:
+    from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+    from ray.rllib.core.learner.learner import Learner
+
 # STATE_IN/STATE_OUT hold the encoder's state plus this entry: the episode time index of the
 # next step, which the Transformer needs for its position embedding.
 TIME_KEY = "t"
+
+# forward_train's output entry holding the encoder's diagnostics ({name: detached 0-dim tensor}).
+DIAGNOSTICS = "traj_encoder_diagnostics"
 
 # The nets that APPO's target policy copies (everything on the path from obs to action logits).
 _TARGETED = ("tstep_encoder", "traj_encoder", "pi")
@@ -61,7 +70,8 @@ def action_dist_for(space: gym.Space) -> tuple[type[TorchDistribution], int]:
     raise ValueError(f"TrajEncoderRLModule cannot act in the action space {space}; supported: {SUPPORTED_ACTIONS}")
 
 
-class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, InferenceOnlyAPI):
+class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, InferenceOnlyAPI,
+                          SelfSupervisedLossAPI):
     """Actor-critic RLModule around any TrajEncoder; see TrajEncoderModelConfig for its model_config.
 
     Memory-free encoders (FF) make a stateless module: RLlib then sends no STATE_IN and no
@@ -88,8 +98,9 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         return {**{key: value[0].numpy() for key, value in state.items()}, TIME_KEY: np.zeros((), np.int64)}
 
     @override(TorchRLModule)
-    def _forward(self, batch: dict[str, Any], *, keep_embeddings: bool = False, **kwargs) -> dict[str, Any]:
-        embeddings, state_out = self._embed(batch, self.tstep_encoder, self.traj_encoder)
+    def _forward(self, batch: dict[str, Any], *, keep_embeddings: bool = False,
+                 log_dict: Optional[dict[str, torch.Tensor]] = None, **kwargs) -> dict[str, Any]:
+        embeddings, state_out = self._embed(batch, self.tstep_encoder, self.traj_encoder, log_dict)
         out = {Columns.ACTION_DIST_INPUTS: self.pi(embeddings)}
         if state_out:
             out[Columns.STATE_OUT] = state_out
@@ -99,8 +110,30 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        # The loss hands the embeddings to compute_values, sparing a second encoder pass.
-        return self._forward(batch, keep_embeddings=True, **kwargs)
+        # The loss hands the embeddings to compute_values, sparing a second encoder pass, and
+        # the diagnostics to the learner's metrics (see compute_self_supervised_loss).
+        diagnostics: dict[str, torch.Tensor] = {}
+        out = self._forward(batch, keep_embeddings=True, log_dict=diagnostics, **kwargs)
+        out[DIAGNOSTICS] = diagnostics
+        return out
+
+    @override(SelfSupervisedLossAPI)
+    def compute_self_supervised_loss(self, *, learner: Learner, module_id: ModuleID,
+                                     config: AlgorithmConfig, batch: dict[str, Any],
+                                     fwd_out: dict[str, Any], **kwargs) -> torch.Tensor:
+        """The algorithm's own loss, unchanged, after logging the encoder's diagnostics.
+
+        RLlib's Learner calls this hook instead of its ``compute_loss_for_module`` and hands it
+        the learner, whose MetricsLogger ends up in ``algo.train()["learners"][module_id]``.
+        Using it as a pass-through lets the diagnostics of this very forward_train be logged
+        for any algorithm whose Learner keeps RLlib's ``compute_losses`` (PPO, APPO, IMPALA,
+        ...) without a Learner subclass per algorithm. They are averaged over the minibatches
+        of one training iteration. (RLlib's OfflineEvaluationRunner, which calls this hook too
+        but has no ``compute_loss_for_module``, cannot evaluate this module.)
+        """
+        learner.metrics.log_dict(fwd_out[DIAGNOSTICS], key=module_id, reduce="mean")
+        return learner.compute_loss_for_module(module_id=module_id, config=config, batch=batch,
+                                               fwd_out=fwd_out, **kwargs)
 
     @override(ValueFunctionAPI)
     def compute_values(self, batch: dict[str, Any], embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -131,11 +164,12 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
     def get_non_inference_attributes(self) -> list[str]:
         return ["vf", *(f"_old_{name}" for name in _TARGETED)]
 
-    def _embed(self, batch: dict[str, Any], tstep_encoder: TstepEncoder,
-               traj_encoder: TrajEncoder) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _embed(self, batch: dict[str, Any], tstep_encoder: TstepEncoder, traj_encoder: TrajEncoder,
+               log_dict: Optional[dict[str, torch.Tensor]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Obs [B, (T,) ...] -> embeddings [B, (T,) emb_dim] and the state after the last step.
 
-        Sequences continue from STATE_IN when the batch has one, else start an episode.
+        Sequences continue from STATE_IN when the batch has one, else start an episode. The
+        traj encoder writes its diagnostics into ``log_dict`` when one is given.
         """
         x = tstep_encoder(batch[Columns.OBS])
         has_time_dim = x.dim() == 3
@@ -144,7 +178,7 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         hidden, t0 = self._state_to_encoder(batch.get(Columns.STATE_IN), x)
         steps = x.shape[1]
         time_idxs = (t0.view(-1, 1) + torch.arange(steps, device=x.device)).unsqueeze(-1)
-        out, hidden = traj_encoder(x, time_idxs, hidden_state=hidden)
+        out, hidden = traj_encoder(x, time_idxs, hidden_state=hidden, log_dict=log_dict)
         return (out if has_time_dim else out.squeeze(1)), self._state_from_encoder(hidden, t0 + steps)
 
     @staticmethod
