@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -53,13 +54,15 @@ def test_snapshots_sit_where_the_learner_starts_its_rows(ray_session):
         algo.stop()
     for episode in episodes:
         store = episode.custom_data[STORE_KEY]
-        assert sorted(store.snapshots) == list(range(0, len(episode), MAX_SEQ_LEN))
+        # One per learner row, plus the bootstrap row's start when the length is a multiple.
+        assert sorted(store.snapshots) == list(range(0, len(episode) + 1, MAX_SEQ_LEN))
         # The fresh-episode state is never stored; every other snapshot is.
         assert (store.snapshots[0] is None) == (episode.t_started == 0)
         assert all(store.snapshots[o] is not None for o in store.snapshots if o > 0)
-        # A finished chunk keeps its last state only where a bootstrap row would start from it.
-        if episode.is_done:
-            assert (store.running is not None) == (len(episode) % MAX_SEQ_LEN == 0)
+        # The running state stays on the env runner: a learner receives snapshots only.
+        shipped = pickle.loads(pickle.dumps(episode))
+        assert shipped.custom_data[STORE_KEY].running is None
+        assert sorted(shipped.custom_data[STORE_KEY].snapshots) == sorted(store.snapshots)
 
 
 def test_cutting_an_episode_carries_the_state_not_the_snapshots():
@@ -71,10 +74,11 @@ def test_cutting_an_episode_carries_the_state_not_the_snapshots():
 
 def test_missing_snapshot_is_reported():
     store = StateStore(t_started=0)
-    store.snapshots[0] = None
-    assert store.state_before(8, 8) is None  # the bootstrap row after an 8-step chunk
-    with pytest.raises(ValueError, match="no stored encoder state before step 16"):
-        store.state_before(16, 8)
+    store.snapshot(0, 8)
+    store.snapshot(3, 8)  # no learner row starts at step 3
+    assert store.snapshots == {0: None} and store.state_before(0) is None
+    with pytest.raises(ValueError, match=r"no stored encoder state before step 8 .* offsets: \[0\]"):
+        store.state_before(8)
 
 
 class CountCalls(ConnectorV2):

@@ -6,16 +6,16 @@ learner, however, only needs the state at the start of each ``max_seq_len`` (W) 
 an episode chunk. So STATE_OUT is taken out of the batch before it reaches the episode,
 and each episode chunk keeps a ``StateStore`` in ``episode.custom_data[STORE_KEY]``:
 
-* ``running``: the state after the chunk's latest step (what the next env step starts
-  from, and what a bootstrap timestep appended after the chunk, like PPO's, starts from);
 * ``snapshots``: ``{offset: state before step offset}`` for offsets 0, W, 2W, ... of the
-  chunk -- exactly the STATE_IN rows the learner builds.
+  chunk, and for its length when that is a multiple of W (where a bootstrap row, like
+  PPO's, starts) -- exactly the STATE_IN rows the learner builds;
+* ``running``: the state after the chunk's latest step, which the next env step starts
+  from. It lives only on the env runner: it is left out when the episode is pickled for
+  the learners, and RLlib's deep copy of ``custom_data`` into the successor chunk (when it
+  cuts an ongoing episode) shares it while dropping the snapshots.
 
-``None`` stands for the fresh-episode state, which is never stored. ``custom_data``
-travels with the episode to the learners, and RLlib deep-copies it into the successor
-chunk when it cuts an ongoing episode: that copy carries ``running`` across ``sample()``
-calls and drops the snapshots. Stored bytes per env step are about ``state_bytes / W``
-plus one or two states per shipped chunk that continues or is continued.
+``None`` stands for the fresh-episode state, which is never stored. Shipped bytes per env
+step are thus ``state_bytes / W`` plus one state per chunk that continues an episode.
 """
 from __future__ import annotations
 
@@ -62,25 +62,36 @@ class StateStore:
         self.running = running
         self.snapshots: dict[int, Optional[State]] = {}
 
+    def snapshot(self, offset: int, max_seq_len: int) -> None:
+        """Records the running state as the state before step ``offset``, if a learner row starts there."""
+        if offset % max_seq_len == 0 and offset not in self.snapshots:
+            self.snapshots[offset] = self.running
+
     def __deepcopy__(self, memo: dict) -> StateStore:
         # Called when RLlib cuts an episode: the successor continues from `running` (never
         # changed in place, so it is shared) and needs none of its predecessor's snapshots.
         return StateStore(self.t_started, self.running)
 
-    def state_before(self, offset: int, max_seq_len: int) -> Optional[State]:
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled = shipped to a learner, which needs the snapshots only.
+        return {"t_started": self.t_started, "snapshots": self.snapshots}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["t_started"])
+        self.snapshots = state["snapshots"]
+
+    def state_before(self, offset: int) -> Optional[State]:
         """The state before step ``offset`` of the chunk, as the learner needs it."""
-        if offset in self.snapshots:
-            return self.snapshots[offset]
-        if offset == max(self.snapshots, default=-max_seq_len) + max_seq_len:
-            return self.running  # a bootstrap step appended after the chunk's last step
-        raise ValueError(
-            f"no stored encoder state before step {offset} of an episode chunk; stored "
-            f"offsets: {sorted(self.snapshots)}"
-        )
+        if offset not in self.snapshots:
+            raise ValueError(
+                f"no stored encoder state before step {offset} of an episode chunk; stored "
+                f"offsets: {sorted(self.snapshots)}")
+        return self.snapshots[offset]
 
     def nbytes(self) -> int:
-        states = [self.running, *self.snapshots.values()]
-        return sum(leaf.nbytes for s in states if s is not None for leaf in tree.flatten(s))
+        """Bytes this store ships to the learners."""
+        return sum(leaf.nbytes for s in self.snapshots.values() if s is not None
+                   for leaf in tree.flatten(s))
 
 
 def chunk_store(episode: SingleAgentEpisode) -> StateStore:
@@ -105,9 +116,8 @@ class SaveStateOutToEpisodes(ConnectorV2):
             if episode is None:  # finished episode: its row only produced a discarded action
                 continue
             store = chunk_store(episode)
-            offset = len(episode)
-            if offset % _single(rl_module, episode).model_config["max_seq_len"] == 0:
-                store.snapshots[offset] = store.running
+            # A chunk cut from an ongoing episode first gets its start state here.
+            store.snapshot(len(episode), _single(rl_module, episode).model_config["max_seq_len"])
             store.running = tree.map_structure(np.array, items[-1])  # own copy, not a view
         return batch
 
@@ -136,15 +146,15 @@ class AddStatesFromEpisodeStore(ConnectorV2):
                         "episode chunk carries no rllib_trajenc encoder state; sample with a "
                         "config prepared by rllib_trajenc.with_traj_encoder()")
                 n_chunks = math.ceil(len(episode) / max_seq_len)
-                items = [_or_initial(store.state_before(k * max_seq_len, max_seq_len), module)
+                items = [_or_initial(store.state_before(k * max_seq_len), module)
                          for k in range(n_chunks)]
                 self.add_n_batch_items(batch, Columns.STATE_IN, items_to_add=items,
                                        num_items=n_chunks, single_agent_episode=episode)
                 continue
             store = chunk_store(episode)
+            # Before RLlib may cut or finish the chunk: a bootstrap row would start here.
+            store.snapshot(len(episode), max_seq_len)
             state = _or_initial(store.running, module)
-            if episode.is_done and len(episode) % max_seq_len:
-                store.running = None  # no learner piece starts after this chunk's last step
             self.add_batch_item(batch, Columns.STATE_IN, state, single_agent_episode=episode)
         return batch
 
