@@ -66,9 +66,9 @@ def build_config(task: Task, args: argparse.Namespace) -> PPOConfig:
         .debugging(seed=args.seed)
     )
     encoder_config = {**SMALL_ENCODERS[args.encoder], **task.encoders.get(args.encoder, {})}
-    config = with_traj_encoder(config, args.encoder, max_seq_len=task.max_seq_len,
-                               encoder_config=encoder_config)
-    return apply_scaling(config, args)
+    # Scaling first: with_traj_encoder picks the state storage that suits num_learners.
+    return with_traj_encoder(apply_scaling(config, args), args.encoder,
+                             max_seq_len=task.max_seq_len, encoder_config=encoder_config)
 
 
 def summarize(rows: list[dict[str, Any]], target: float, wall_s: float,

@@ -6,6 +6,9 @@ import torch
 
 import rllib_trajenc as rt
 
+# Tests use tiny tensors: one thread avoids two threads waiting on each other on 2-core CI.
+torch.set_num_threads(1)
+
 TSTEP_DIM = 5
 MAX_SEQ_LEN = 8
 

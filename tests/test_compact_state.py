@@ -96,3 +96,22 @@ def test_user_connectors_are_kept_and_installing_twice_does_not_nest(ray_session
     pieces = config.build_env_to_module_connector(spaces=None).connectors
     names = [type(p).__name__ for p in pieces]
     assert names[0] == "CountCalls" and names.count("AddStatesFromEpisodeStore") == 1
+
+
+def test_several_learners_keep_rllibs_per_step_state():
+    """RLlib splits episode chunks to shard them across learners; splits drop custom_data."""
+    config = with_small_encoder(ppo_config().learners(num_learners=2), "gru")
+    assert config._module_to_env_connector is None and config._learner_connector is None
+
+
+def test_a_chunk_without_store_gets_a_clear_error(ray_session):
+    algo = with_small_encoder(ppo_config(), "gru").build_algo()
+    try:
+        episodes = algo.env_runner.sample(num_timesteps=30, explore=True)
+        split = episodes[0].slice(slice(1, None))  # what RLlib's learner sharding makes
+        learner = algo.learner_group._learner
+        with pytest.raises(ValueError, match="set config.learners\\(num_learners=...\\) before"):
+            learner._learner_connector(rl_module=learner.module, batch={}, episodes=[split],
+                                       shared_data={}, metrics=learner.metrics)
+    finally:
+        algo.stop()

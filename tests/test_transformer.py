@@ -26,15 +26,6 @@ LONG = int(2.5 * W)
 pytestmark = pytest.mark.filterwarnings("ignore:FlashAttention")  # the expected CPU fallback notice
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: a second intra-op thread only adds sync cost (seconds on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(**kwargs) -> TformerTrajEncoder:
     small = dict(d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout_ff=0.0, dropout_emb=0.0)
     return TformerTrajEncoder(TSTEP_DIM, W, **{**small, **kwargs}).eval()

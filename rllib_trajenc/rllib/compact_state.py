@@ -143,8 +143,11 @@ class AddStatesFromEpisodeStore(ConnectorV2):
                 store = episode.custom_data.get(STORE_KEY)
                 if store is None:
                     raise ValueError(
-                        "episode chunk carries no rllib_trajenc encoder state; sample with a "
-                        "config prepared by rllib_trajenc.with_traj_encoder()")
+                        "episode chunk carries no rllib_trajenc encoder state. Either it was "
+                        "not sampled with a config prepared by rllib_trajenc.with_traj_encoder(), "
+                        "or RLlib split it to shard it across num_learners > 1 (splits drop "
+                        "custom_data): set config.learners(num_learners=...) before calling "
+                        "with_traj_encoder(), which then keeps RLlib's per-step state storage.")
                 n_chunks = math.ceil(len(episode) / max_seq_len)
                 items = [_or_initial(store.state_before(k * max_seq_len), module)
                          for k in range(n_chunks)]
@@ -205,7 +208,14 @@ def _save_state_out() -> list[ConnectorV2]:
 
 
 def install_compact_state(config: AlgorithmConfig) -> AlgorithmConfig:
-    """Adds the connector pieces that keep encoder state out of the per-step episode data."""
+    """Adds the connector pieces that keep encoder state out of the per-step episode data.
+
+    Not with several learners: RLlib shards the sampled episodes across them by splitting
+    chunks at arbitrary steps into new episodes without custom_data, so the state at a
+    split would be lost. Those configs keep RLlib's per-step STATE_OUT storage.
+    """
+    if config.num_learners > 1:
+        return config
     return config.env_runners(
         env_to_module_connector=_UserPiecesThen(config._env_to_module_connector, env_to_module_pieces),
         module_to_env_connector=_UserPiecesThen(config._module_to_env_connector, _save_state_out),
