@@ -135,6 +135,8 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
     that store its state compactly (see compact_state.py); bad settings raise ValueError here.
 
     ``model_config`` takes the other keys of TrajEncoderModelConfig (tstep_dim, head_hiddens, ...).
+    Set ``config.learners(num_learners=...)`` first: with several learners RLlib splits episode
+    chunks at arbitrary steps, so the state is then stored at every step as RLlib does itself.
     """
     # Imported here: the module imports this file for its config checks, and AlgorithmConfig
     # would load most of RLlib with this package.
