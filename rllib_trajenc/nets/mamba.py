@@ -43,20 +43,23 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, conv_state: Optional[torch.Tensor] = None,
                 ssm_state: Optional[torch.Tensor] = None, log_dict: Optional[dict] = None,
-                log_key: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, L, d_model] -> (y [B, L, d_model], conv state, SSM state after the last step)."""
+                log_key: str = "") -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """x [B, L, d_model] -> (y [B, L, d_model], conv state, SSM state after the last step);
+        the states are None when none were passed in (training from the start of episodes)."""
+        stateful = ssm_state is not None  # without a state in, no state comes out
         x, z = self.in_proj(x).chunk(2, dim=-1)                               # [B, L, d_inner] each
-        x, conv_state = run_causal_conv1d(x.mT, self.conv.weight[:, 0], self.conv.bias,
-                                          conv_state, return_final_state=True)
+        conv = run_causal_conv1d(x.mT, self.conv.weight[:, 0], self.conv.bias, conv_state,
+                                 return_final_state=stateful)
+        x, conv_state = conv if stateful else (conv, None)
         x = F.silu(x)                                                         # [B, d_inner, L]
         dt, B, C = self.x_proj(x.mT).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)  # its bias is added inside the scan, before softplus
         if log_dict is not None:
             log_dict[log_key] = F.softplus(delta.detach().float() + self.dt_proj.bias.detach()).mean()
-        y, ssm_state = run_selective_scan(
-            x, delta.mT, -torch.exp(self.A_log), B.mT, C.mT, self.D, z.mT,
-            delta_bias=self.dt_proj.bias, delta_softplus=True, initial_state=ssm_state,
-            return_last_state=True)
+        scan = run_selective_scan(x, delta.mT, -torch.exp(self.A_log), B.mT, C.mT, self.D, z.mT,
+                                  delta_bias=self.dt_proj.bias, delta_softplus=True,
+                                  initial_state=ssm_state, return_last_state=stateful)
+        y, ssm_state = scan if stateful else (scan, None)
         return self.out_proj(y.mT), conv_state, ssm_state
 
 

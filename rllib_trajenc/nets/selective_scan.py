@@ -2,7 +2,8 @@
 
 * ``selective_scan``: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,  y_t = C_t·h_t + D u_t,  y *= silu(z).
   The recurrence is linear in h, so it is computed as a parallel associative scan (log-depth,
-  vectorised over time) instead of a Python loop over steps.
+  vectorised over time) instead of a Python loop over steps, over cache-sized time chunks that
+  carry the state, with a hand-written backward pass (the same scan, run in reverse).
 * ``causal_conv1d``: depthwise causal convolution that can start from the previous inputs.
 
 Both accept an initial state, so a sequence cut into chunks that carry state computes exactly what
@@ -12,6 +13,7 @@ pure-PyTorch code runs.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -33,7 +35,7 @@ FUSED_DEVICES = ("cuda",)
 # The scan runs over time chunks sized so one [batch, steps, d_inner, d_state] fp32 tensor stays
 # under this many bytes: the CPU allocator recycles blocks this small, whereas bigger ones come
 # fresh from the OS on every call and their page faults made a whole-sequence scan ~2-4x slower.
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 8 * 2**20
 
 
 def _scan(a: Tensor, b: Tensor, h0: Optional[Tensor]) -> Tensor:
@@ -90,10 +92,10 @@ class _SelectiveScan(torch.autograd.Function):
             entries.append(h)
             _, states = _chunk_states(delta[:, t], u[:, t], A, B[:, t], h)
             ys.append((states @ C[:, t].unsqueeze(-1)).squeeze(-1))
-            h = states[:, -1].clone()
+            h = states[:, -1].clone()  # a view would keep the whole chunk alive
         ctx.steps = steps
         ctx.save_for_backward(delta, u, A, B, C, *entries)
-        return torch.cat(ys, 1), h
+        return torch.cat(ys, 1) if len(ys) > 1 else ys[0], h
 
     @staticmethod
     @once_differentiable
@@ -173,9 +175,10 @@ def fused_selective_scan(scan_fn: Callable[..., Tensor | tuple[Tensor, Tensor]],
     y, last = out if return_last_state else (out, None)
     dt = delta.float() + (0.0 if delta_bias is None else delta_bias.float()[:, None])
     dt = F.softplus(dt) if delta_softplus else dt
-    # exp of a non-positive number: underflows to 0 for long sequences, never overflows.
+    # exp of a non-positive number: underflows to 0 for long sequences, never overflows. Only
+    # elementwise ops and a sum, so autocast cannot lower their precision.
     carried = torch.exp(dt.cumsum(-1).unsqueeze(-1) * A.float()[:, None]) * initial_state.float()[:, :, None]
-    extra = torch.einsum("bdln,bnl->bdl", carried, C.float())             # carried: [b, d_inner, L, d_state]
+    extra = (carried * C.float().mT[:, None]).sum(-1)                     # carried: [b, d_inner, L, d_state]
     if z is not None:
         extra = extra * F.silu(z.float())
     y = y + extra.to(y.dtype)
@@ -189,31 +192,32 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
     x: [batch, dim, L]; weight: [dim, W]; initial_state: [batch, dim, W-1], the W-1 inputs
     before x (zeros = start of the sequence). The final state is the last W-1 inputs.
-    Computed time-major as W shifted multiply-adds: cheap for Mamba's small W and for L = 1.
     """
-    width, length = weight.shape[1], x.shape[-1]
-    xt = x.mT                                                             # [batch, L, dim]
-    past = (xt.new_zeros(xt.shape[0], width - 1, xt.shape[2]) if initial_state is None
-            else initial_state.mT.to(xt.dtype))
-    padded = torch.cat([past, xt], 1)                                     # [batch, W-1+L, dim]
-    out = sum((padded[:, k:k + length] * weight[:, k] for k in range(width)), 0 if bias is None else bias).mT
-    return (out, padded[:, length:].mT) if return_final_state else out
+    past = (x.new_zeros(x.shape[0], x.shape[1], weight.shape[1] - 1) if initial_state is None
+            else initial_state.to(x.dtype))
+    padded = torch.cat([past, x], -1)                                     # [batch, dim, W-1+L]
+    out = F.conv1d(padded, weight.unsqueeze(1), bias, groups=weight.shape[0])
+    return (out, padded[..., x.shape[-1]:]) if return_final_state else out
 
 
-def run_selective_scan(*args, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
-    """``selective_scan``, through mamba-ssm's kernel when installed and the input is on CUDA."""
-    if SCAN_KERNEL is not None and args[0].device.type in FUSED_DEVICES:
-        return fused_selective_scan(SCAN_KERNEL, *args, **kwargs)
-    return selective_scan(*args, **kwargs)
+def run_selective_scan(u: Tensor, *args, return_last_state: bool = False,
+                       **kwargs) -> Tensor | tuple[Tensor, Tensor]:
+    """``selective_scan``, through mamba-ssm's kernel when it is installed and u is on CUDA.
+    That kernel gives its last state no gradient, so a state that may carry gradients (a chunk
+    continued from a state during training) takes the PyTorch path."""
+    fused = (SCAN_KERNEL is not None and u.device.type in FUSED_DEVICES
+             and not (return_last_state and torch.is_grad_enabled()))
+    scan = partial(fused_selective_scan, SCAN_KERNEL) if fused else selective_scan
+    return scan(u, *args, return_last_state=return_last_state, **kwargs)
 
 
 def run_causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                       initial_state: Optional[Tensor] = None,
                       return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """``causal_conv1d``, through causal-conv1d's kernel when installed and x is on CUDA.
-    The kernel returns final states only for channel-last x (stride(1) == 1), which is the
-    layout of a Linear output transposed to [batch, dim, L]."""
-    if CONV_KERNEL is not None and x.device.type in FUSED_DEVICES:
-        state = None if initial_state is None else initial_state.to(x.dtype)
-        return CONV_KERNEL(x, weight, bias, initial_states=state, return_final_states=return_final_state)
+    """``causal_conv1d``, through causal-conv1d's kernel when it is installed, x is on CUDA and
+    no state goes in or out (the kernel's state arguments need channel-last layouts and it only
+    takes widths 2-4); with states, the PyTorch path is cheap anyway."""
+    if (CONV_KERNEL is not None and x.device.type in FUSED_DEVICES and initial_state is None
+            and not return_final_state and 2 <= weight.shape[1] <= 4):
+        return CONV_KERNEL(x.contiguous(), weight, bias)
     return causal_conv1d(x, weight, bias, initial_state, return_final_state)
