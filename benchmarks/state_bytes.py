@@ -95,8 +95,8 @@ def print_storage_table(max_seq_len: int, fragment: int = 256) -> None:
 def print_fragment_table(encoder: str = "transformer", max_seq_len: int = 256) -> None:
     print(f"\n### {encoder}, max_seq_len={max_seq_len}: stored bytes vs fragment length\n")
     print("Every shipped chunk that continues an episode carries the full state it starts from, "
-          "and a cut chunk also ships its last state, so short fragments cost up to "
-          "2 x full state / fragment per step.\n")
+          "so short fragments cost about full state / fragment per step (a cut chunk ships "
+          "its last state too only when a bootstrap row starts there).\n")
     print("| fragment (steps per env) | stored bytes / env step | full state / fragment |")
     print("|---:|---:|---:|")
     for fragment in (64, 256, 1024):
