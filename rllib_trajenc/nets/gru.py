@@ -34,7 +34,6 @@ class GRUTrajEncoder(TrajEncoder):
                 log_dict: Optional[dict] = None) -> tuple[torch.Tensor, Optional[HiddenState]]:
         self.check_input(seq)
         h0 = None if hidden_state is None else hidden_state["h"].transpose(0, 1).contiguous()
-        # nn.GRU runs its own (non-autocast-friendly) kernel; feed it the weights' dtype.
-        out, h = self.rnn(seq.to(self.out.weight.dtype) if not torch.is_autocast_enabled() else seq, h0)
+        out, h = self.rnn(seq, h0)
         out = self.out_norm(self.out(out))
         return out, (None if hidden_state is None else {"h": h.transpose(0, 1)})
