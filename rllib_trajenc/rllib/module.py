@@ -90,6 +90,13 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
 
     @override(TorchRLModule)
     def get_initial_state(self) -> dict[str, np.ndarray]:
+        # Built once: the connectors ask for it at every new episode and learner row that
+        # starts one, and a default Transformer's is 1.5 MB of zeros.
+        if not hasattr(self, "_initial_state"):
+            self._initial_state = self._build_initial_state()
+        return self._initial_state
+
+    def _build_initial_state(self) -> dict[str, np.ndarray]:
         state = self.traj_encoder.init_hidden_state(1, torch.device("cpu"))
         if state is None:
             return {}
