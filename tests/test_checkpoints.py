@@ -12,7 +12,8 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule
 
 from rllib_trajenc.rllib import TrajEncoderRLModule
-from rllib_trajenc.rllib.compact_state import STORE_KEY, _UserPiecesThen
+from rllib_trajenc.rllib.compact_state import STORE_KEY
+from rllib_trajenc.rllib.connectors import _UserPiecesThen
 from test_rllib_module import (  # noqa: F401 (ray_session is a fixture)
     logp_error, ppo_config, ray_session, sample_and_recompute, with_small_encoder,
 )

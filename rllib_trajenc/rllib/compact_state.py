@@ -20,7 +20,7 @@ step are thus ``state_bytes / W`` plus one state per chunk that continues an epi
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import tree
@@ -35,9 +35,6 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
 from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 from ray.rllib.utils.numpy import convert_to_numpy
-
-if TYPE_CHECKING:
-    from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 
 STORE_KEY = "rllib_trajenc_state"
 State = dict[str, np.ndarray]
@@ -168,6 +165,10 @@ def env_to_module_pieces() -> list[ConnectorV2]:
             AddStatesFromEpisodeStore()]
 
 
+def module_to_env_pieces() -> list[ConnectorV2]:
+    return [SaveStateOutToEpisodes()]
+
+
 def learner_pieces() -> list[ConnectorV2]:
     return [AddObservationsFromEpisodesToBatch(as_learner_connector=True),
             AddColumnsFromEpisodesToTrainBatch(),
@@ -183,40 +184,3 @@ def stored_state_bytes(episode: SingleAgentEpisode) -> int:
         per_step = episode.get_extra_model_outputs(Columns.STATE_OUT)
         total += sum(np.asarray(leaf).nbytes for leaf in tree.flatten(per_step))
     return total
-
-
-class _UserPiecesThen:
-    """A picklable connector builder: the user's own builder's pieces (if any), then ours.
-
-    RLlib runs pieces from ``config.env_runners(env_to_module_connector=...)`` and
-    ``config.learners(learner_connector=...)`` before its defaults, which then find their
-    columns filled and step aside; PPO still prepends its bootstrap step and appends GAE.
-    """
-
-    def __init__(self, user_builder: Optional[Callable], ours: Callable[[], list[ConnectorV2]]):
-        while isinstance(user_builder, _UserPiecesThen):  # installing twice replaces, not nests
-            user_builder = user_builder.user_builder
-        self.user_builder, self.ours = user_builder, ours
-
-    def __call__(self, *args: Any) -> list[ConnectorV2]:
-        user = self.user_builder(*args) if self.user_builder is not None else []
-        return ([user] if isinstance(user, ConnectorV2) else list(user)) + self.ours()
-
-
-def _save_state_out() -> list[ConnectorV2]:
-    return [SaveStateOutToEpisodes()]
-
-
-def install_compact_state(config: AlgorithmConfig) -> AlgorithmConfig:
-    """Adds the connector pieces that keep encoder state out of the per-step episode data.
-
-    Not with several learners: RLlib shards the sampled episodes across them by splitting
-    chunks at arbitrary steps into new episodes without custom_data, so the state at a
-    split would be lost. Those configs keep RLlib's per-step STATE_OUT storage.
-    """
-    if config.num_learners > 1:
-        return config
-    return config.env_runners(
-        env_to_module_connector=_UserPiecesThen(config._env_to_module_connector, env_to_module_pieces),
-        module_to_env_connector=_UserPiecesThen(config._module_to_env_connector, _save_state_out),
-    ).learners(learner_connector=_UserPiecesThen(config._learner_connector, learner_pieces))

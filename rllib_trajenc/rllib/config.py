@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
+import torch
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
@@ -62,6 +63,12 @@ class TrajEncoderModelConfig:
     tstep_hiddens: tuple[int, ...] = (64,)  # MLP between the flattened observation and tstep_dim
     head_hiddens: tuple[int, ...] = (64,)  # MLP of the actor head and of the critic head
     activation: str = "leaky_relu"
+    # RL^2-style inputs: the previous action / reward join each observation (through a connector
+    # piece that with_traj_encoder installs), and t / time_scale (t = episode step) joins the
+    # timestep features; a time_scale near the episode-length limit keeps that feature in [0, 1].
+    prev_action: bool = False
+    prev_reward: bool = False
+    time_scale: Optional[float] = None
 
     @classmethod
     def valid_keys(cls) -> list[str]:
@@ -88,10 +95,23 @@ class TrajEncoderModelConfig:
         check_positive(**{f"tstep_hiddens[{i}]": h for i, h in enumerate(self.tstep_hiddens)})
         check_positive(**{f"head_hiddens[{i}]": h for i, h in enumerate(self.head_hiddens)})
         check_choice("activation", self.activation, ACTIVATIONS)
+        for key in ("prev_action", "prev_reward"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key}={getattr(self, key)!r} must be True or False")
+        if self.time_scale is not None and (isinstance(self.time_scale, bool)
+                                            or not isinstance(self.time_scale, (int, float))
+                                            or not self.time_scale > 0):
+            raise ValueError(f"time_scale={self.time_scale!r} must be a positive number "
+                             "(about the episode-length limit) or None for no time feature")
         _check_encoder_kwargs(self.traj_encoder_cls, self.traj_encoder_config)
 
     def build_traj_encoder(self) -> TrajEncoder:
-        return self.traj_encoder_cls(self.tstep_dim, self.max_seq_len, **self.traj_encoder_config)
+        encoder = self.traj_encoder_cls(self.tstep_dim, self.max_seq_len, **self.traj_encoder_config)
+        if self.time_scale is not None and encoder.init_hidden_state(1, torch.device("cpu")) is None:
+            # A stateless module gets no STATE_IN, so it never learns the episode step.
+            raise ValueError(f"time_scale={self.time_scale!r} needs an encoder with memory; "
+                             f"{self.traj_encoder_cls.__name__} keeps no state")
+        return encoder
 
 
 def _resolve_encoder(choice: EncoderChoice) -> type[TrajEncoder]:
@@ -131,8 +151,9 @@ def _check_encoder_kwargs(cls: type[TrajEncoder], kwargs: Mapping[str, Any]) -> 
 def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_seq_len: int,
                       encoder_config: Optional[Mapping[str, Any]] = None,
                       **model_config: Any) -> AlgorithmConfig:
-    """Sets ``config``'s RLModule to a TrajEncoderRLModule and installs the connector pieces
-    that store its state compactly (see compact_state.py); bad settings raise ValueError here.
+    """Sets ``config``'s RLModule to a TrajEncoderRLModule and installs its connector pieces
+    (compact state storage, previous action/reward; see connectors.py); bad settings raise
+    ValueError here.
 
     ``model_config`` takes the other keys of TrajEncoderModelConfig (tstep_dim, head_hiddens, ...).
     Set ``config.learners(num_learners=...)`` first: with several learners RLlib splits episode
@@ -141,7 +162,7 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
     # Imported here: the module imports this file for its config checks, and AlgorithmConfig
     # would load most of RLlib with this package.
     from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
-    from rllib_trajenc.rllib.compact_state import install_compact_state
+    from rllib_trajenc.rllib.connectors import install_connectors
     from rllib_trajenc.rllib.module import TrajEncoderRLModule
 
     if not isinstance(config, AlgorithmConfig):
@@ -151,8 +172,9 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
     model_config = {"traj_encoder": encoder, "traj_encoder_config": dict(encoder_config or {}),
                     "max_seq_len": max_seq_len, **model_config}
     # Building the encoder once also catches bad values of its kwargs (sizes, norms, ...).
-    TrajEncoderModelConfig.from_model_config(model_config).build_traj_encoder()
+    model = TrajEncoderModelConfig.from_model_config(model_config)
+    model.build_traj_encoder()
     config = config.rl_module(
         rl_module_spec=RLModuleSpec(module_class=TrajEncoderRLModule, model_config=model_config)
     )
-    return install_compact_state(config)
+    return install_connectors(config, model)

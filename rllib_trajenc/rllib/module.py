@@ -28,6 +28,7 @@ from ray.rllib.utils.typing import ModuleID
 
 from rllib_trajenc.nets.base import HiddenState, TrajEncoder
 from rllib_trajenc.rllib.config import TrajEncoderModelConfig
+from rllib_trajenc.rllib.prev_action_reward import PREV_ACTION, PREV_REWARD
 from rllib_trajenc.rllib.tstep_encoder import MLP, TstepEncoder
 
 if TYPE_CHECKING:
@@ -70,6 +71,16 @@ def action_dist_for(space: gym.Space) -> tuple[type[TorchDistribution], int]:
     raise ValueError(f"TrajEncoderRLModule cannot act in the action space {space}; supported: {SUPPORTED_ACTIONS}")
 
 
+def _check_obs_space(cfg: TrajEncoderModelConfig, space: gym.Space) -> None:
+    """prev_action/prev_reward need the observations that with_traj_encoder's connector piece makes."""
+    wanted = [key for key, on in ((PREV_ACTION, cfg.prev_action), (PREV_REWARD, cfg.prev_reward)) if on]
+    if wanted and not (isinstance(space, gym.spaces.Dict) and set(wanted) <= set(space.spaces)):
+        raise ValueError(
+            f"model_config sets {wanted} to True, but the observation space {space} has no such "
+            "entries: build the config with rllib_trajenc.with_traj_encoder(..., prev_action=..., "
+            "prev_reward=...), which installs the connector piece that adds them")
+
+
 class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, InferenceOnlyAPI,
                           SelfSupervisedLossAPI):
     """Actor-critic RLModule around any TrajEncoder; see TrajEncoderModelConfig for its model_config.
@@ -82,7 +93,9 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
     def setup(self) -> None:
         cfg = TrajEncoderModelConfig.from_model_config(self.model_config)
         self.action_dist_cls, n_dist_inputs = action_dist_for(self.action_space)
-        self.tstep_encoder = TstepEncoder(self.observation_space, cfg.tstep_dim, cfg.tstep_hiddens, cfg.activation)
+        _check_obs_space(cfg, self.observation_space)
+        self.tstep_encoder = TstepEncoder(self.observation_space, cfg.tstep_dim, cfg.tstep_hiddens,
+                                          cfg.activation, cfg.time_scale)
         self.traj_encoder = cfg.build_traj_encoder()
         emb_dim = self.traj_encoder.emb_dim
         self.pi = MLP(emb_dim, cfg.head_hiddens, n_dist_inputs, cfg.activation)
@@ -178,22 +191,21 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         Sequences continue from STATE_IN when the batch has one, else start an episode. The
         traj encoder writes its diagnostics into ``log_dict`` when one is given.
         """
-        x = tstep_encoder(batch[Columns.OBS])
-        has_time_dim = x.dim() == 3
-        if not has_time_dim:
-            x = x.unsqueeze(1)
-        hidden, t0 = self._state_to_encoder(batch.get(Columns.STATE_IN), x)
-        steps = x.shape[1]
-        time_idxs = (t0.view(-1, 1) + torch.arange(steps, device=x.device)).unsqueeze(-1)
+        obs = batch[Columns.OBS]
+        lead = tstep_encoder.lead_shape(obs)  # (B,) on env runners without a time dim, else (B, T)
+        hidden, t0 = self._state_to_encoder(batch.get(Columns.STATE_IN), lead[0])
+        steps = lead[1] if len(lead) == 2 else 1
+        time_idxs = (t0.view(-1, 1) + torch.arange(steps, device=t0.device)).unsqueeze(-1)
+        x = tstep_encoder(obs, time_idxs.view(*lead, 1)).reshape(lead[0], steps, -1)
         out, hidden = traj_encoder(x, time_idxs, hidden_state=hidden, log_dict=log_dict)
-        return (out if has_time_dim else out.squeeze(1)), self._state_from_encoder(hidden, t0 + steps)
+        return (out if len(lead) == 2 else out.squeeze(1)), self._state_from_encoder(hidden, t0 + steps)
 
-    @staticmethod
-    def _state_to_encoder(state_in: Optional[dict[str, torch.Tensor]],
-                          x: torch.Tensor) -> tuple[Optional[HiddenState], torch.Tensor]:
+    def _state_to_encoder(self, state_in: Optional[dict[str, torch.Tensor]],
+                          batch_size: int) -> tuple[Optional[HiddenState], torch.Tensor]:
         """STATE_IN -> (encoder state or None for an episode start, episode time index [B])."""
         if not state_in:
-            return None, torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            device = next(self.parameters()).device
+            return None, torch.zeros(batch_size, dtype=torch.long, device=device)
         hidden = {key: value for key, value in state_in.items() if key != TIME_KEY}
         return hidden, state_in[TIME_KEY].long()
 

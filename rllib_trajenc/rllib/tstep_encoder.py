@@ -7,7 +7,7 @@ dims is kept, so the same module serves env-runner [B, 1, ...] and learner [B, T
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import gymnasium as gym
 import numpy as np
@@ -122,20 +122,36 @@ def _leaves(space: gym.Space, activation: str, path: Path = ()) -> list[tuple[Pa
 
 
 class TstepEncoder(nn.Module):
-    """Observation (any supported space, nested like the space) -> [*lead, tstep_dim]."""
+    """Observation (any supported space, nested like the space) -> [*lead, tstep_dim].
 
-    def __init__(self, obs_space: gym.Space, tstep_dim: int, hiddens: Sequence[int], activation: str):
+    With ``time_scale`` set, ``t / time_scale`` (t = the step's episode time index) joins the
+    observation features before the MLP.
+    """
+
+    def __init__(self, obs_space: gym.Space, tstep_dim: int, hiddens: Sequence[int], activation: str,
+                 time_scale: Optional[float] = None):
         super().__init__()
         paths, leaves = zip(*_leaves(obs_space, activation))
         self.paths: list[Path] = list(paths)
         self.leaves = nn.ModuleList(leaves)
-        self.mlp = MLP(sum(leaf.out_dim for leaf in leaves), hiddens, tstep_dim, activation)
+        self.time_scale = time_scale
+        n_features = sum(leaf.out_dim for leaf in leaves) + (time_scale is not None)
+        self.mlp = MLP(n_features, hiddens, tstep_dim, activation)
 
-    def forward(self, obs: Any) -> torch.Tensor:
-        parts = []
-        for path, leaf in zip(self.paths, self.leaves):
-            x = obs
-            for key in path:
-                x = x[key]
-            parts.append(leaf(x))
+    def lead_shape(self, obs: Any) -> torch.Size:
+        """The (batch,) or (batch, time) dims in front of the observations."""
+        x = self._leaf_input(obs, self.paths[0])
+        return x.shape[:x.dim() - len(self.leaves[0].event_shape)]
+
+    def forward(self, obs: Any, time_idxs: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``time_idxs``: [*lead, 1] episode time indices, needed when ``time_scale`` is set."""
+        parts = [leaf(self._leaf_input(obs, path)) for path, leaf in zip(self.paths, self.leaves)]
+        if self.time_scale is not None:
+            parts.append(time_idxs.to(parts[0].dtype) / self.time_scale)
         return self.mlp(torch.cat(parts, dim=-1))
+
+    @staticmethod
+    def _leaf_input(obs: Any, path: Path) -> torch.Tensor:
+        for key in path:
+            obs = obs[key]
+        return obs
