@@ -297,3 +297,10 @@ def test_unsupported_observation_space(obs_space):
 def test_unsupported_action_space(action_space):
     with pytest.raises(ValueError, match=r"cannot act in the action space .*supported: Discrete and MultiDiscrete"):
         build_module(action_space=action_space)
+
+
+def test_minibatch_smaller_than_a_row_is_rejected():
+    with pytest.raises(ValueError, match=r"minibatch_size=32 is smaller than max_seq_len=64; .* multiple of 64"):
+        with_traj_encoder(PPOConfig().training(minibatch_size=32), "gru", max_seq_len=64)
+    # A stateless module (FF) trains on single steps, so any minibatch size works.
+    with_traj_encoder(PPOConfig().training(minibatch_size=32), "ff", max_seq_len=64)

@@ -107,11 +107,16 @@ class TrajEncoderModelConfig:
 
     def build_traj_encoder(self) -> TrajEncoder:
         encoder = self.traj_encoder_cls(self.tstep_dim, self.max_seq_len, **self.traj_encoder_config)
-        if self.time_scale is not None and encoder.init_hidden_state(1, torch.device("cpu")) is None:
+        if self.time_scale is not None and not keeps_state(encoder):
             # A stateless module gets no STATE_IN, so it never learns the episode step.
             raise ValueError(f"time_scale={self.time_scale!r} needs an encoder with memory; "
                              f"{self.traj_encoder_cls.__name__} keeps no state")
         return encoder
+
+
+def keeps_state(encoder: TrajEncoder) -> bool:
+    """Whether ``encoder`` carries memory across steps (FF does not, making the module stateless)."""
+    return encoder.init_hidden_state(1, torch.device("cpu")) is not None
 
 
 def _resolve_encoder(choice: EncoderChoice) -> type[TrajEncoder]:
@@ -156,7 +161,7 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
     ValueError here.
 
     ``model_config`` takes the other keys of TrajEncoderModelConfig (tstep_dim, head_hiddens, ...).
-    Set ``config.learners(num_learners=...)`` first: with several learners RLlib splits episode
+    Set ``config.learners(num_learners=...)`` and ``minibatch_size`` (>= max_seq_len) first: with several learners RLlib splits episode
     chunks at arbitrary steps, so the state is then stored at every step as RLlib does itself.
     """
     # Imported here: the module imports this file for its config checks, and AlgorithmConfig
@@ -173,7 +178,14 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
                     "max_seq_len": max_seq_len, **model_config}
     # Building the encoder once also catches bad values of its kwargs (sizes, norms, ...).
     model = TrajEncoderModelConfig.from_model_config(model_config)
-    model.build_traj_encoder()
+    minibatch_size = getattr(config, "minibatch_size", None)
+    if keeps_state(model.build_traj_encoder()) and minibatch_size is not None and minibatch_size < model.max_seq_len:
+        # RLlib cuts a stateful module's minibatches from whole max_seq_len rows, about
+        # minibatch_size / max_seq_len of them: fewer than one row leaves minibatches empty.
+        raise ValueError(
+            f"minibatch_size={minibatch_size} is smaller than max_seq_len={model.max_seq_len}; "
+            f"RLlib trains a stateful module on whole max_seq_len rows, so set "
+            f"config.training(minibatch_size=...) to a multiple of {model.max_seq_len} first")
     config = config.rl_module(
         rl_module_spec=RLModuleSpec(module_class=TrajEncoderRLModule, model_config=model_config)
     )
