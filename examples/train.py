@@ -76,6 +76,7 @@ def summarize(rows: list[dict[str, Any]], target: float, wall_s: float,
     reached = next((r for r in rows if r.get(RETURN, float("-inf")) >= target), None)
     return {
         "task": args.task, "encoder": args.encoder, "seed": args.seed, "target_return": target,
+        "tuned": args.encoder in TASKS[args.task].tuned,
         "reached_target": reached is not None,
         "env_steps_to_target": None if reached is None else int(reached[STEPS]),
         "time_s_to_target": None if reached is None else round(reached["time_total_s"], 1),
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = (args.out / f"{args.task}-{args.encoder}-seed{args.seed}").resolve()
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.encoder not in task.tuned:
+        print(f"note: {args.task} has no recorded run reaching its target with {args.encoder} "
+              f"(recorded: {', '.join(task.tuned) or 'none yet'}); its settings are the task's defaults")
     config = build_config(task, args)
     stop = {"training_iteration": 1} if args.smoke else {RETURN: target, STEPS: budget}
     ray.init(address=args.address, ignore_reinit_error=True, include_dashboard=False)
