@@ -62,6 +62,12 @@ PPO_DEFAULTS: dict[str, Any] = {
     "grad_clip": 1.0,
 }
 
+# RepeatPrevious: the reward for an action does not depend on later actions, so a short
+# horizon (gamma 0.5) turns it into near-supervised learning of "the suit k cards ago".
+REPEAT_PREVIOUS_PPO: dict[str, Any] = {
+    "gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.01, "minibatch_size": 256,
+}
+
 TASKS: dict[str, Task] = {
     "stateless_cartpole": Task(
         env="StatelessCartPole", make_env=_stateless_cartpole, env_config={},
@@ -77,16 +83,16 @@ TASKS: dict[str, Task] = {
     "popgym_repeat_previous_easy": Task(
         env="RepeatPreviousEasy", make_env=_popgym("RepeatPreviousEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,
-        # The reward for an action does not depend on later actions: a short horizon
-        # (gamma 0.5) turns this into near-supervised learning of "the suit 4 cards ago".
-        ppo={"gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.01, "minibatch_size": 256}),
+        ppo=REPEAT_PREVIOUS_PPO),
     "popgym_position_only_cartpole_easy": Task(
         env="PositionOnlyCartPoleEasy", make_env=_popgym("PositionOnlyCartPoleEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,
         ppo={"lr": 5e-4, "minibatch_size": 256}),
     "popgym_repeat_previous_medium": Task(
         env="RepeatPreviousMedium", make_env=_popgym("RepeatPreviousMedium"), env_config={},
-        target_return=0.9, max_env_steps=1_500_000, max_seq_len=128),
+        # The suit 32 cards ago: a 64-step window covers it with room to spare.
+        target_return=0.9, max_env_steps=1_500_000, max_seq_len=64,
+        ppo=REPEAT_PREVIOUS_PPO),
 }
 
 
