@@ -76,7 +76,6 @@ def summarize(rows: list[dict[str, Any]], target: float, wall_s: float,
     reached = next((r for r in rows if r.get(RETURN, float("-inf")) >= target), None)
     return {
         "task": args.task, "encoder": args.encoder, "seed": args.seed, "target_return": target,
-        "tuned": args.encoder in TASKS[args.task].tuned,
         "reached_target": reached is not None,
         "env_steps_to_target": None if reached is None else int(reached[STEPS]),
         "time_s_to_target": None if reached is None else round(reached["time_total_s"], 1),
