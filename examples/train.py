@@ -71,6 +71,15 @@ def build_config(task: Task, args: argparse.Namespace) -> PPOConfig:
                              max_seq_len=task.max_seq_len, encoder_config=encoder_config)
 
 
+class PrintProgress(tune.Callback):
+    """One line per training iteration: Tune's own table omits the return and prints rarely."""
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info) -> None:
+        ret = result.get("env_runners", {}).get("episode_return_mean")
+        print(f"iter {result['training_iteration']:4d} | {int(result[STEPS]):>9,} env steps | "
+              f"return {'-' if ret is None else f'{ret:.3f}'} | {result['time_total_s']:6.0f} s", flush=True)
+
+
 def summarize(rows: list[dict[str, Any]], target: float, wall_s: float,
               args: argparse.Namespace) -> dict[str, Any]:
     reached = next((r for r in rows if r.get(RETURN, float("-inf")) >= target), None)
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "PPO",
         param_space=config,
         run_config=tune.RunConfig(
-            name="tune", storage_path=str(out), stop=stop, verbose=1,
+            name="tune", storage_path=str(out), stop=stop, verbose=1, callbacks=[PrintProgress()],
             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=20, checkpoint_at_end=True,
                                                     num_to_keep=2),
         ),
