@@ -92,7 +92,7 @@ TASKS: dict[str, Task] = {
         env="RepeatPreviousMedium", make_env=_popgym("RepeatPreviousMedium"), env_config={},
         # The suit 32 cards ago: a 64-step window covers it with room to spare.
         target_return=0.9, max_env_steps=1_500_000, max_seq_len=64,
-        ppo=REPEAT_PREVIOUS_PPO),
+        ppo=REPEAT_PREVIOUS_PPO, tuned=("transformer",)),
 }
 
 
