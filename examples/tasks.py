@@ -83,7 +83,7 @@ TASKS: dict[str, Task] = {
     "popgym_repeat_previous_easy": Task(
         env="RepeatPreviousEasy", make_env=_popgym("RepeatPreviousEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,
-        ppo=REPEAT_PREVIOUS_PPO, tuned=("gru", "transformer")),
+        ppo=REPEAT_PREVIOUS_PPO, tuned=("gru", "mamba", "transformer")),
     "popgym_position_only_cartpole_easy": Task(
         env="PositionOnlyCartPoleEasy", make_env=_popgym("PositionOnlyCartPoleEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,

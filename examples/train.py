@@ -56,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(task: Task, args: argparse.Namespace) -> PPOConfig:
     ppo = {**PPO_DEFAULTS, **task.ppo}
     if args.smoke:
-        # Minibatches hold whole max_seq_len rows, so none may be smaller than one row.
-        ppo.update(train_batch_size_per_learner=2 * task.max_seq_len, minibatch_size=task.max_seq_len,
+        # Minibatches hold whole max_seq_len rows, so none may be smaller than one row; four
+        # rows per iteration let every task finish an episode (RepeatPreviousMedium: 103 steps).
+        ppo.update(train_batch_size_per_learner=4 * task.max_seq_len, minibatch_size=task.max_seq_len,
                    num_epochs=1)
     config = (
         PPOConfig()
