@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import ray  # noqa: E402
 from ray.rllib.algorithms.ppo import PPOConfig  # noqa: E402
+from ray.rllib.connectors.env_to_module import FlattenObservations  # noqa: E402
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig  # noqa: E402
 
 from rllib_trajenc.rllib import with_traj_encoder  # noqa: E402
@@ -28,6 +29,10 @@ from tasks import PPO_DEFAULTS, SMALL_ENCODERS, TASKS, Task, register  # noqa: E
 LSTM = "rllib_lstm"
 CONTENDERS = [LSTM, "ff", "gru", "mamba", "transformer"]
 LSTM_CELL = 64  # about the parameter count of SMALL_ENCODERS' memory models
+
+
+def _flatten_observations(env, spaces, device) -> FlattenObservations:
+    return FlattenObservations()
 
 
 def build(task: Task, contender: str, seed: int, envs: int) -> PPOConfig:
@@ -39,6 +44,8 @@ def build(task: Task, contender: str, seed: int, envs: int) -> PPOConfig:
         .debugging(seed=seed)
     )
     if contender == LSTM:
+        # RLlib's default models take only Box observations: one-hot Discrete ones first.
+        config = config.env_runners(env_to_module_connector=_flatten_observations)
         return config.rl_module(model_config=DefaultModelConfig(
             use_lstm=True, lstm_cell_size=LSTM_CELL, max_seq_len=task.max_seq_len,
             fcnet_hiddens=[64], vf_share_layers=True))
