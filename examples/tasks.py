@@ -87,7 +87,7 @@ TASKS: dict[str, Task] = {
     "popgym_position_only_cartpole_easy": Task(
         env="PositionOnlyCartPoleEasy", make_env=_popgym("PositionOnlyCartPoleEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,
-        ppo={"lr": 5e-4, "minibatch_size": 256}, tuned=("gru", "transformer")),
+        ppo={"lr": 5e-4, "minibatch_size": 256}, tuned=("gru", "mamba", "transformer")),
     "popgym_repeat_previous_medium": Task(
         env="RepeatPreviousMedium", make_env=_popgym("RepeatPreviousMedium"), env_config={},
         # The suit 32 cards ago: a 64-step window covers it with room to spare.
