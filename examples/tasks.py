@@ -74,7 +74,7 @@ TASKS: dict[str, Task] = {
         target_return=150.0, max_env_steps=400_000, max_seq_len=32,
         ppo={"lr": 5e-4, "vf_loss_coeff": 0.01, "train_batch_size_per_learner": 1024,
              "minibatch_size": 256},
-        tuned=("gru", "transformer")),
+        tuned=("gru", "mamba", "transformer")),
     "delayed_recall": Task(
         env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": 100},
         target_return=0.9, max_env_steps=600_000, max_seq_len=128,
