@@ -161,8 +161,9 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
     ValueError here.
 
     ``model_config`` takes the other keys of TrajEncoderModelConfig (tstep_dim, head_hiddens, ...).
-    Set ``config.learners(num_learners=...)`` and ``minibatch_size`` (>= max_seq_len) first: with several learners RLlib splits episode
-    chunks at arbitrary steps, so the state is then stored at every step as RLlib does itself.
+    Set ``config.learners(num_learners=...)`` and ``minibatch_size`` (>= max_seq_len) first:
+    with several learners RLlib splits episode chunks at arbitrary steps, so the state is then
+    stored at every step as RLlib does itself.
     """
     # Imported here: the module imports this file for its config checks, and AlgorithmConfig
     # would load most of RLlib with this package.
@@ -176,10 +177,11 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
         raise ValueError(f"encoder_config={encoder_config!r} must be a dict of the encoder's kwargs or None")
     model_config = {"traj_encoder": encoder, "traj_encoder_config": dict(encoder_config or {}),
                     "max_seq_len": max_seq_len, **model_config}
-    # Building the encoder once also catches bad values of its kwargs (sizes, norms, ...).
     model = TrajEncoderModelConfig.from_model_config(model_config)
+    # Building the encoder once also catches bad values of its kwargs (sizes, norms, ...).
+    stateful = keeps_state(model.build_traj_encoder())
     minibatch_size = getattr(config, "minibatch_size", None)
-    if keeps_state(model.build_traj_encoder()) and minibatch_size is not None and minibatch_size < model.max_seq_len:
+    if stateful and minibatch_size is not None and minibatch_size < model.max_seq_len:
         # RLlib cuts a stateful module's minibatches from whole max_seq_len rows, about
         # minibatch_size / max_seq_len of them: fewer than one row leaves minibatches empty.
         raise ValueError(
