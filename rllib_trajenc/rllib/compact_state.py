@@ -62,7 +62,8 @@ class StateStore:
     def snapshot(self, offset: int, max_seq_len: int) -> None:
         """Records the running state as the state before step ``offset``, if a learner row starts there."""
         if offset % max_seq_len == 0 and offset not in self.snapshots:
-            self.snapshots[offset] = self.running
+            # Copied: `running` is a row view into the batched state of one env-runner step.
+            self.snapshots[offset] = None if self.running is None else tree.map_structure(np.array, self.running)
 
     def __deepcopy__(self, memo: dict) -> StateStore:
         # Called when RLlib cuts an episode: the successor continues from `running` (never
@@ -115,7 +116,9 @@ class SaveStateOutToEpisodes(ConnectorV2):
             store = chunk_store(episode)
             # A chunk cut from an ongoing episode first gets its start state here.
             store.snapshot(len(episode), _single(rl_module, episode).model_config["max_seq_len"])
-            store.running = tree.map_structure(np.array, items[-1])  # own copy, not a view
+            # A view, not a copy: the module wrote this step's state into a batch of its own,
+            # which nothing changes later (each step's STATE_IN is a fresh stack of these rows).
+            store.running = items[-1]
         return batch
 
 
