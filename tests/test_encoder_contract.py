@@ -44,6 +44,36 @@ def test_chunks_with_state_equal_whole(encoder, cuts):
     assert max_err(torch.cat(outs, 1), whole) <= TOL
 
 
+# The state tensors a rollout step updates in place rather than copying.
+IN_PLACE_KEYS = {"mamba": ("conv", "ssm"), "transformer": ("k", "v")}
+
+
+@torch.inference_mode()
+def test_in_place_stepping_equals_whole_sequence(encoder_name, encoder):
+    """The rollout path (in_place=True, as env runners run it) computes the whole-sequence function
+    in the state's own memory, also after rows restart (reset) mid-way."""
+    seq, t = episode_inputs(3, LONG)
+    whole, _ = encoder(seq, t)
+    state = encoder.init_hidden_state(3, seq.device)
+    memory = {key: state[key].data_ptr() for key in IN_PLACE_KEYS.get(encoder_name, ())}
+    steps = []
+    for i in range(LONG):
+        out, state = encoder(seq[:, i:i + 1], t[:, i:i + 1], hidden_state=state, in_place=True)
+        steps.append(out)
+    assert max_err(torch.cat(steps, 1), whole) <= TOL
+    assert all(state[key].data_ptr() == ptr for key, ptr in memory.items())
+    if state is not None:  # restart row 1: it must compute the episode start again
+        state = encoder.reset_hidden_state(state, [False, True, False])
+        out, _ = encoder(seq[:, :1], t[:, :1], hidden_state=state, in_place=True)
+        assert max_err(out[1], whole[1, :1]) <= TOL
+
+
+def test_in_place_refuses_autograd(encoder):
+    seq, t = episode_inputs(2, 1)
+    with pytest.raises(ValueError, match="in_place=True is for inference"):
+        encoder(seq, t, hidden_state=encoder.init_hidden_state(2, seq.device), in_place=True)
+
+
 def test_chunk_from_state_passes_gradients_through_the_state(stateful_encoder):
     encoder = stateful_encoder
     seq, t = episode_inputs(2, 6)
@@ -165,8 +195,9 @@ def test_signature_matches_spec(cls):
 
 def test_base_class_api():
     assert inspect.isabstract(rt.TrajEncoder)
-    params = list(inspect.signature(rt.TrajEncoder.forward).parameters)
-    assert params == ["self", "seq", "time_idxs", "hidden_state", "log_dict"]
+    params = inspect.signature(rt.TrajEncoder.forward).parameters
+    assert list(params)[:5] == ["self", "seq", "time_idxs", "hidden_state", "log_dict"]
+    assert list(params)[5:] == ["in_place"] and params["in_place"].kind is inspect.Parameter.KEYWORD_ONLY
     assert list(inspect.signature(rt.TrajEncoder.init_hidden_state).parameters) == [
         "self", "batch_size", "device"]
     assert list(inspect.signature(rt.TrajEncoder.reset_hidden_state).parameters) == [

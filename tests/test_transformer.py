@@ -15,8 +15,9 @@ from torch import nn
 import torch.nn.functional as F
 
 import rllib_trajenc.nets.attention as attention_module
+import rllib_trajenc.nets.transformer as transformer_module
 from conftest import MAX_SEQ_LEN as W, TSTEP_DIM, episode_inputs
-from rllib_trajenc.nets.attention import FlashAttention, SelfAttention, VanillaAttention
+from rllib_trajenc.nets.attention import FlashAttention, SelfAttention, VanillaAttention, steps_mask
 from rllib_trajenc.nets.layers import ACTIVATIONS, NORMS
 from rllib_trajenc.nets.sigma_reparam import SigmaReparamLinear
 from rllib_trajenc.nets.transformer import TformerTrajEncoder
@@ -179,21 +180,51 @@ def test_receptive_field_is_n_layers_windows(n_layers):
 
 # ---------------------------------------------------------------- hidden state
 
-def test_state_is_a_bounded_right_aligned_cache():
+def test_state_is_a_ring_of_the_last_window():
     enc = make()
     seq, t = episode_inputs(3, LONG)
     fresh = enc.init_hidden_state(3, seq.device)
     assert fresh["k"].shape == fresh["v"].shape == (3, 2, 4, W, 8) and fresh["k"].dtype == torch.float32
-    assert torch.equal(fresh["n_valid"], torch.zeros(3, dtype=torch.long))
+    assert torch.equal(fresh["n"], torch.zeros(3, dtype=torch.long))
     _, early = run_in_chunks(enc, seq[:, :3], t[:, :3], (1, 2))
-    assert torch.equal(early["n_valid"], torch.full((3,), 3))
-    assert not early["k"][..., :W - 3, :].any() and early["k"][..., W - 3:, :].abs().min() > 0
+    assert torch.equal(early["n"], torch.full((3,), 3))
+    assert early["k"][..., :3, :].abs().min() > 0 and not early["k"][..., 3:, :].any()  # slots 0, 1, 2
     _, stepped = run_in_chunks(enc, seq, t, tuple(range(1, LONG)))
     _, chunked = run_in_chunks(enc, seq, t, (2, 13))  # one chunk longer than the window
     assert stepped["k"].shape == fresh["k"].shape
-    assert torch.equal(stepped["n_valid"], torch.full((3,), W))
+    assert torch.equal(stepped["n"], torch.full((3,), LONG))
     for key in stepped:
         assert max_err(stepped[key].float(), chunked[key].float()) <= TOL, key
+
+
+@torch.no_grad()
+def test_ring_slots_hold_the_last_window_of_keys():
+    """Slot s % W holds step s's key: the first layer's keys are a function of that step alone."""
+    enc = make(pos_emb="rope")
+    seq, t = episode_inputs(2, LONG)
+    _, state = run_in_chunks(enc, seq, t, (3, 7))
+    layer = enc.blocks[0]
+    x, angles = enc._embed_steps(seq, t[..., 0])
+    keys = layer.attn.qkv(layer.norm1(x)).view(2, LONG, 3, 4, 8)[:, :, 1].transpose(1, 2)
+    keys = transformer_module.rotate(keys, angles)
+    for s in range(LONG - W, LONG):
+        assert max_err(state["k"][:, 0, :, s % W], keys[:, :, s]) <= TOL, s
+
+
+@torch.no_grad()
+def test_in_place_step_writes_one_slot_per_layer_and_computes_the_same():
+    enc = make()
+    seq, t = episode_inputs(3, LONG)
+    _, state = run_in_chunks(enc, seq[:, :-1], t[:, :-1], (4, 9))
+    before = {key: value.clone() for key, value in state.items()}
+    copied_out, copied_state = enc(seq[:, -1:], t[:, -1:], hidden_state=state)
+    assert all(torch.equal(state[key], before[key]) for key in state)  # the copying path keeps its input
+    out, updated = enc(seq[:, -1:], t[:, -1:], hidden_state=state, in_place=True)
+    assert updated["k"] is state["k"] and updated["v"] is state["v"]
+    assert torch.equal(out, copied_out) and all(torch.equal(updated[key], copied_state[key]) for key in updated)
+    changed = (state["k"] != before["k"]).any(dim=-1)  # [B, layers, heads, W]
+    slot = (LONG - 1) % W
+    assert changed[..., slot].all() and not changed[..., [j for j in range(W) if j != slot]].any()
 
 
 def test_bfloat16_model_and_autocast_keep_the_state_dtype():
@@ -209,27 +240,40 @@ def test_bfloat16_model_and_autocast_keep_the_state_dtype():
 
 # ---------------------------------------------------------------- attention kernels
 
-def reference_attention(q, k, v, window, first_valid):
-    """Loop-per-query reference of the SelfAttention contract."""
+def reference_attention(q, k, v, visible):
+    """Loop-per-query softmax over the keys that ``visible(b, i, j)`` allows."""
     B, H, Tq, _ = q.shape
-    Tk = k.shape[2]
     out = torch.empty_like(q)
     for b, h, i in itertools.product(range(B), range(H), range(Tq)):
-        p = Tk - Tq + i
-        lo = max(p - window + 1, 0 if first_valid is None else int(first_valid[b]))
-        w = torch.softmax(k[b, h, lo:p + 1] @ q[b, h, i] / q.shape[-1] ** 0.5, dim=0)
-        out[b, h, i] = w @ v[b, h, lo:p + 1]
+        seen = [j for j in range(k.shape[2]) if visible(b, i, j)]
+        w = torch.softmax(k[b, h, seen] @ q[b, h, i] / q.shape[-1] ** 0.5, dim=0)
+        out[b, h, i] = w @ v[b, h, seen]
     return out
 
 
 @pytest.mark.parametrize("window", [1, 4, 100])
-@pytest.mark.parametrize("first_valid", [None, [0, 3, 7]])
 @pytest.mark.parametrize("kernel", [VanillaAttention, FlashAttention])
-def test_kernels_match_brute_force(kernel, window, first_valid):
+def test_kernels_match_brute_force_on_keys_in_time_order(kernel, window):
     q, k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 12, 4), torch.randn(3, 2, 12, 4)
-    first_valid = None if first_valid is None else torch.tensor(first_valid)
-    got = kernel(0.0)(q, k, v, window, first_valid)
-    assert max_err(got, reference_attention(q, k, v, window, first_valid)) <= TOL
+    got = kernel(0.0)(q, k, v, window)
+    expected = reference_attention(q, k, v, lambda b, i, j: 7 + i - window < j <= 7 + i)
+    assert max_err(got, expected) <= TOL
+
+
+@pytest.mark.parametrize("window", [1, 4, 9])
+@pytest.mark.parametrize("kernel", [VanillaAttention, FlashAttention])
+def test_kernels_match_brute_force_on_a_ring_of_keys(kernel, window):
+    """Keys in slot order (a ring), some slots empty (negative steps), a different count per row."""
+    q, k, v = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 9, 4), torch.randn(3, 2, 9, 4)
+    n = torch.tensor([2, 9, 23])  # steps seen, this step included
+    key_steps = transformer_module.ring_steps(n, 9)
+    query_steps = (n - 1).unsqueeze(1)
+    got = kernel(0.0)(q, k, v, window, steps_mask(query_steps, key_steps, window))
+    s = query_steps[:, 0]
+    expected = reference_attention(
+        q, k, v, lambda b, i, j: s[b] - window < key_steps[b, j] <= s[b] and key_steps[b, j] >= 0)
+    assert max_err(got, expected) <= TOL
+    assert sorted(key_steps[2].tolist()) == list(range(14, 23)) and (key_steps[0] < 0).sum() == 7
 
 
 @pytest.mark.parametrize("kernel", [VanillaAttention, FlashAttention])
@@ -306,6 +350,42 @@ def test_sigma_reparam_eval_never_updates_and_train_uses_the_pre_update_vectors(
     assert torch.equal(layer.eval()(x), second)
 
 
+def test_inference_reuses_the_scaled_weight_until_a_parameter_changes(monkeypatch):
+    layer = SigmaReparamLinear(16, 24).eval()
+    x = torch.randn(5, 16)
+    calls = []
+    real_sigma = SigmaReparamLinear.sigma
+    monkeypatch.setattr(SigmaReparamLinear, "sigma", lambda self: calls.append(1) or real_sigma(self))
+
+    def fresh() -> torch.Tensor:  # what the layer computes without any reuse
+        return F.linear(x, layer.gamma / real_sigma(layer) * layer.weight, layer.bias).detach()
+
+    with torch.no_grad():
+        first, second = layer(x), layer(x)
+    assert len(calls) == 1 and torch.equal(first, second) and max_err(first, fresh()) <= TOL
+    layer(x).sum().backward()  # eval with autograd: no reuse, gradients reach gamma
+    assert layer.gamma.grad is not None and len(calls) == 2
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()  # an optimizer step, in place
+    with torch.no_grad():
+        assert max_err(layer(x), fresh()) <= TOL and not torch.equal(layer(x), first)
+    assert len(calls) == 3  # recomputed once after the step, then reused
+    other = SigmaReparamLinear(16, 24)
+    layer.load_state_dict(other.state_dict())  # as env runners receive new weights
+    with torch.no_grad():
+        assert max_err(layer(x), other.eval()(x)) <= TOL
+        layer.to(torch.float64)  # a move replaces the tensors
+        assert layer(x.double()).dtype == torch.float64
+
+
+def test_inference_mode_and_no_grad_share_the_reused_weight():
+    layer = SigmaReparamLinear(8, 8).eval()
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        inside = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), inside)
+
+
 def test_a_train_forward_equals_the_eval_forward_just_before_it():
     """Rollout (eval) and learner (train, no dropout) compute the same function."""
     enc = make()
@@ -349,8 +429,8 @@ def test_bad_time_idxs_are_rejected(time_idxs):
 
 def test_custom_attention_types_plug_in():
     class Doubled(VanillaAttention):
-        def forward(self, q, k, v, window, first_valid=None):
-            return 2 * super().forward(q, k, v, window, first_valid)
+        def forward(self, q, k, v, window, mask=None):
+            return 2 * super().forward(q, k, v, window, mask)
 
     assert issubclass(Doubled, SelfAttention)
     assert stepping_error(make(attention_type=Doubled)) <= TOL

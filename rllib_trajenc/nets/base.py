@@ -21,10 +21,14 @@ class TrajEncoder(nn.Module, ABC):
 
     ``forward`` runs in one of two modes:
       * ``hidden_state=None``: the sequence starts at the beginning of an episode; no state is
-        returned (training on whole episodes);
+        returned (training on whole episodes, as in the AMAGO API this follows);
       * ``hidden_state`` given: the sequence (one step or a chunk of many) continues from that
         state, and the state after the last step is returned. Running a sequence in chunks that
-        carry state computes exactly what one whole forward computes.
+        carry state computes exactly what one whole forward computes. The RLlib module always
+        takes this path, on env runners and learners alike (learner rows start from STATE_IN).
+    ``in_place=True`` (keyword, inference only) lets the encoder update the state passed in and
+    return it instead of a new one, so a rollout step need not copy a large state (the
+    Transformer's KV cache); the caller must not reuse the state it passed.
     """
 
     def __init__(self, tstep_dim: int, max_seq_len: int):
@@ -45,6 +49,8 @@ class TrajEncoder(nn.Module, ABC):
         time_idxs: Optional[torch.Tensor],
         hidden_state: Optional[HiddenState] = None,
         log_dict: Optional[dict] = None,
+        *,
+        in_place: bool = False,
     ) -> tuple[torch.Tensor, Optional[HiddenState]]:
         """Returns ``(output [B, T, emb_dim], state after the last step or None)``."""
 
@@ -71,9 +77,13 @@ class TrajEncoder(nn.Module, ABC):
             for key, value in hidden_state.items()
         }
 
-    def check_input(self, seq: torch.Tensor) -> None:
-        """Rejects inputs whose rank or feature size this encoder was not built for."""
+    def check_input(self, seq: torch.Tensor, in_place: bool = False) -> None:
+        """Rejects inputs whose rank or feature size this encoder was not built for, and
+        ``in_place`` updates while autograd records (it would need the values overwritten)."""
         if seq.dim() != 3 or seq.shape[-1] != self.tstep_dim:
             raise ValueError(
                 f"seq must have shape [batch, time, tstep_dim={self.tstep_dim}], got {tuple(seq.shape)}"
             )
+        if in_place and torch.is_grad_enabled():
+            raise ValueError("in_place=True is for inference: run it under torch.no_grad() or "
+                             "torch.inference_mode(); autograd needs the state values it would overwrite")

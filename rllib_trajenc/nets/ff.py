@@ -52,9 +52,9 @@ class FFTrajEncoder(TrajEncoder):
         return self.d_model
 
     def forward(self, seq: torch.Tensor, time_idxs: Optional[torch.Tensor] = None,
-                hidden_state: Optional[HiddenState] = None,
-                log_dict: Optional[dict] = None) -> tuple[torch.Tensor, Optional[HiddenState]]:
-        self.check_input(seq)
+                hidden_state: Optional[HiddenState] = None, log_dict: Optional[dict] = None,
+                *, in_place: bool = False) -> tuple[torch.Tensor, Optional[HiddenState]]:
+        self.check_input(seq, in_place)
         x = self.dropout(self.inp(seq))
         for norm, block in zip(self.norms, self.blocks):
             x = x + block(norm(x))

@@ -30,9 +30,9 @@ class GRUTrajEncoder(TrajEncoder):
         return {"h": torch.zeros(batch_size, self.n_layers, self.d_hidden, device=device)}
 
     def forward(self, seq: torch.Tensor, time_idxs: Optional[torch.Tensor] = None,
-                hidden_state: Optional[HiddenState] = None,
-                log_dict: Optional[dict] = None) -> tuple[torch.Tensor, Optional[HiddenState]]:
-        self.check_input(seq)
+                hidden_state: Optional[HiddenState] = None, log_dict: Optional[dict] = None,
+                *, in_place: bool = False) -> tuple[torch.Tensor, Optional[HiddenState]]:
+        self.check_input(seq, in_place)
         h0 = None if hidden_state is None else hidden_state["h"].transpose(0, 1).contiguous()
         out, h = self.rnn(seq, h0)
         out = self.out_norm(self.out(out))

@@ -62,12 +62,31 @@ class MambaMixer(nn.Module):
         y, ssm_state = scan if stateful else (scan, None)
         return self.out_proj(y.mT), conv_state, ssm_state
 
+    def step_(self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One step x [B, d_model] -> y [B, d_model] for inference, updating both states in place.
+
+        The recurrence written out for a single step (what the scan computes for L=1), with no
+        state-sized copies: a rollout step costs O(d_inner * d_state) work and writes only the
+        states themselves.
+        """
+        x, z = self.in_proj(x).chunk(2, dim=-1)                               # [B, d_inner] each
+        window = torch.cat([conv_state, x.unsqueeze(-1).to(conv_state.dtype)], -1)  # [B, d_inner, d_conv]
+        conv_state.copy_(window[..., 1:])
+        x = F.silu(torch.einsum("bdk,dk->bd", window.to(x.dtype), self.conv.weight[:, 0]) + self.conv.bias)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        decay = torch.mul(delta.unsqueeze(-1), -torch.exp(self.A_log)).exp_()  # [B, d_inner, d_state]
+        ssm_state.mul_(decay).addcmul_((delta * x.float()).unsqueeze(-1), B.float().unsqueeze(1))
+        y = (ssm_state.float() @ C.float().unsqueeze(-1)).squeeze(-1) + self.D.float() * x.float()
+        return self.out_proj((y * F.silu(z.float())).to(x.dtype))
+
 
 class MambaTrajEncoder(TrajEncoder):
     """Linear -> n_layers x (x + MambaMixer(norm(x))) -> norm.
 
     State: ``{"conv": [B, n_layers, d_inner, d_conv-1], "ssm": [B, n_layers, d_inner, d_state]}``,
-    zeros at the start of an episode.
+    zeros at the start of an episode. With ``in_place=True`` (inference, no autograd) a one-step
+    forward updates the state passed in and returns it, instead of scanning and copying.
     """
 
     def __init__(self, tstep_dim: int, max_seq_len: int, d_model: int = 256, d_state: int = 16,
@@ -91,11 +110,13 @@ class MambaTrajEncoder(TrajEncoder):
                 "ssm": torch.zeros(batch_size, self.n_layers, self.d_inner, self.d_state, **kw)}
 
     def forward(self, seq: torch.Tensor, time_idxs: Optional[torch.Tensor] = None,
-                hidden_state: Optional[HiddenState] = None,
-                log_dict: Optional[dict] = None) -> tuple[torch.Tensor, Optional[HiddenState]]:
+                hidden_state: Optional[HiddenState] = None, log_dict: Optional[dict] = None,
+                *, in_place: bool = False) -> tuple[torch.Tensor, Optional[HiddenState]]:
         """time_idxs is ignored: the recurrence itself knows the order of the steps."""
-        self.check_input(seq)
+        self.check_input(seq, in_place)
         x = self.inp(seq)
+        if in_place and hidden_state is not None and seq.shape[1] == 1:
+            return self._step_(x, hidden_state), hidden_state
         if hidden_state is None:
             states = [(None, None)] * self.n_layers
         else:
@@ -111,3 +132,10 @@ class MambaTrajEncoder(TrajEncoder):
         conv, ssm = zip(*new_states)
         return x, {"conv": torch.stack(conv, 1).to(hidden_state["conv"].dtype),
                    "ssm": torch.stack(ssm, 1).to(hidden_state["ssm"].dtype)}
+
+    def _step_(self, x: torch.Tensor, state: HiddenState) -> torch.Tensor:
+        """x [B, 1, d_model] through every layer's single-step recurrence, updating ``state``."""
+        x = x[:, 0]
+        for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers)):
+            x = x + mixer.step_(norm(x), state["conv"][:, i], state["ssm"][:, i])
+        return self.out_norm(x).unsqueeze(1)

@@ -1,6 +1,8 @@
 """σReparam linear layer (Zhai et al. 2023, arXiv 2303.06296)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -16,6 +18,10 @@ class SigmaReparamLinear(nn.Linear):
     first computes sigma from the *current* u, v and only then takes one power step for the
     next call; eval never steps. So a training forward computes exactly what an eval forward
     just before it computes: the learner and the rollout workers see the same function.
+
+    Inference (eval mode, no autograd) reuses the scaled weight until weight, gamma, u or v
+    change (optimizer step, load_state_dict, a move to another device): env runners would
+    otherwise rescale every weight matrix at every env step.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init_steps: int = 10):
@@ -25,6 +31,7 @@ class SigmaReparamLinear(nn.Linear):
         self.register_buffer("v", torch.zeros(in_features))
         for _ in range(init_steps):  # sigma is accurate from the first forward
             self._power_step()
+        self._frozen: Optional[tuple[tuple, torch.Tensor]] = None  # (inputs' identity, scaled weight)
 
     def sigma(self) -> torch.Tensor:
         """The estimate u^T W v of sigma_max(W), differentiable w.r.t. W."""
@@ -39,8 +46,24 @@ class SigmaReparamLinear(nn.Linear):
             self.v.copy_(F.normalize(torch.mv(self.weight.t(), self.u), dim=0))
             self.u.copy_(F.normalize(torch.mv(self.weight, self.v), dim=0))
 
+    def scaled_weight(self) -> torch.Tensor:
+        return self.gamma / self.sigma() * self.weight
+
+    @torch.no_grad()
+    def _inference_weight(self) -> torch.Tensor:
+        # Storage and version counter identify a tensor's contents: any in-place change or
+        # replacement of one of the inputs makes a new key.
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.gamma, self.u, self.v))
+        if self._frozen is None or self._frozen[0] != key:
+            self._frozen = (key, self.scaled_weight())
+        return self._frozen[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.gamma / self.sigma() * self.weight
         if self.training:
+            weight = self.scaled_weight()
             self._power_step()
+        elif torch.is_grad_enabled():
+            weight = self.scaled_weight()
+        else:
+            weight = self._inference_weight()
         return F.linear(x, weight, self.bias)

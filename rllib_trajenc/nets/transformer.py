@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from rllib_trajenc.nets.attention import FlashAttention, SelfAttention
+from rllib_trajenc.nets.attention import FlashAttention, SelfAttention, steps_mask
 from rllib_trajenc.nets.base import HiddenState, TrajEncoder
 from rllib_trajenc.nets.ff import FeedForward
 from rllib_trajenc.nets.layers import NORMS, activation as get_activation
@@ -14,9 +14,6 @@ from rllib_trajenc.nets.layers import check_choice, check_positive, check_probab
 from rllib_trajenc.nets.sigma_reparam import SigmaReparamLinear
 
 POS_EMBS = ("fixed", "learned", "rope")
-
-KV = tuple[torch.Tensor, torch.Tensor]
-
 
 def _angles(t: torch.Tensor, n: int) -> torch.Tensor:
     """Sinusoid phases [B, T, n] of the time indices t [B, T], periods geometric in 2pi .. 2pi*1e4."""
@@ -37,6 +34,36 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+class KVCache:
+    """One layer's ring of the last W keys and values [B, H, W, dh], where step s lives in slot s % W.
+
+    Written in place: a step costs O(d_model) bytes written per layer, not a copy of the cache.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, steps: torch.Tensor) -> None:
+        """Stores keys/values [B, H, T, dh] of the episode steps [B, T] (the last W of them)."""
+        W = self.k.shape[2]
+        k, v, steps = k[:, :, -W:], v[:, :, -W:], steps[:, -W:]
+        rows = torch.arange(steps.shape[0], device=steps.device).unsqueeze(1)
+        slots = steps % W
+        # Advanced indices (rows, slots) around a slice put their dims first: [B, T, H, dh].
+        self.k[rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
+
+    def clone(self) -> KVCache:
+        return KVCache(self.k.clone(), self.v.clone())
+
+
+def ring_steps(n: torch.Tensor, window: int) -> torch.Tensor:
+    """The episode step each ring slot holds after n [B] steps: [B, W], negative for empty slots."""
+    j = torch.arange(window, device=n.device)
+    last = n.unsqueeze(1) - 1
+    return last - torch.remainder(last - j, window)
+
+
 class AttentionLayer(nn.Module):
     """Multi-head self-attention sublayer with NormFormer's head scales and post-attention norm."""
 
@@ -52,22 +79,30 @@ class AttentionLayer(nn.Module):
         self.post_norm = post_norm
         self.dropout = nn.Dropout(dropout_ff)
 
-    def forward(self, x: torch.Tensor, past: Optional[KV], window: int,
-                first_valid: Optional[torch.Tensor], angles: Optional[torch.Tensor]) -> tuple[torch.Tensor, KV]:
-        """Attends x [B, T, D] to ``past`` keys/values + its own; returns (output, all keys/values)."""
+    def forward(self, x: torch.Tensor, window: int, angles: Optional[torch.Tensor],
+                cache: Optional[KVCache] = None, steps: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attends x [B, T, D] to itself (an episode's start) or, given a ``cache``, to the cache and
+        itself, writing x's keys/values into the cache (x holds episode ``steps`` [B, T]; ``mask``
+        is ``steps_mask`` over the keys: the cache after the write for one step, else cache + x)."""
         B, T, D = x.shape
         qkv = self.dropout_qkv(self.qkv(x)).view(B, T, 3, self.n_heads, D // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, dh]
         if angles is not None:
             q, k = rotate(q, angles), rotate(k, angles)
-        if past is not None:
-            k = torch.cat([past[0].to(k.dtype), k], dim=2)
-            v = torch.cat([past[1].to(v.dtype), v], dim=2)
-        out = self.attention(q, k, v, window, first_valid)
+        if cache is None:
+            out = self.attention(q, k, v, window)
+        elif T == 1:  # a rollout step: the new key joins the ring in place of the step leaving it
+            cache.write(k, v, steps)
+            out = self.attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), window, mask)
+        else:
+            keys, values = torch.cat([cache.k.to(k.dtype), k], 2), torch.cat([cache.v.to(v.dtype), v], 2)
+            out = self.attention(q, keys, values, window, mask)
+            cache.write(k, v, steps)
         if self.head_scale is not None:
             out = out * self.head_scale.view(-1, 1, 1)
         out = self.out(out.transpose(1, 2).reshape(B, T, D))
-        return self.dropout(self.post_norm(out)), (k, v)
+        return self.dropout(self.post_norm(out))
 
 
 class TransformerBlock(nn.Module):
@@ -78,11 +113,11 @@ class TransformerBlock(nn.Module):
         self.norm1, self.attn = make_norm(norm, d_model), attn
         self.norm2, self.ff = make_norm(norm, d_model), ff
 
-    def forward(self, x: torch.Tensor, past: Optional[KV], window: int,
-                first_valid: Optional[torch.Tensor], angles: Optional[torch.Tensor]) -> tuple[torch.Tensor, KV]:
-        a, kv = self.attn(self.norm1(x), past, window, first_valid, angles)
-        x = x + a
-        return x + self.ff(self.norm2(x)), kv
+    def forward(self, x: torch.Tensor, window: int, angles: Optional[torch.Tensor],
+                cache: Optional[KVCache] = None, steps: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), window, angles, cache, steps, mask)
+        return x + self.ff(self.norm2(x))
 
 
 class TformerTrajEncoder(TrajEncoder):
@@ -94,9 +129,11 @@ class TformerTrajEncoder(TrajEncoder):
     banded mask, so it computes exactly what stepping through the episode with a state computes.
 
     State (fixed size, bounded by W): ``{"k", "v": [B, n_layers, n_heads, W, d_model // n_heads],
-    "n_valid": [B] long}``, the keys/values of the last W steps per layer in time order,
-    right-aligned: entry j holds step n - W + j after n steps, and only the last
-    n_valid = min(n, W) entries are real. A step thus costs O(W) attention per layer.
+    "n": [B] long}``, the keys/values of the last W steps per layer in a ring: after n steps,
+    slot j holds the latest step s < n with s % W == j (empty while s < 0). A step writes one
+    slot per layer and attends over W slots: O(W) work, O(d_model) bytes written, at any step.
+    With ``in_place=True`` (inference, no autograd) the state passed in is updated and returned
+    instead of copied; callers that still need the old state pass a copy.
 
     pos_emb: "fixed" adds sinusoids of the episode time index (any time); "learned" adds a
     trainable vector per ``time_idx % W`` (bounded table; the W keys of a window still get W
@@ -152,9 +189,9 @@ class TformerTrajEncoder(TrajEncoder):
         shape = (batch_size, self.n_layers, self.n_heads, self.max_seq_len, self.head_dim)
         kv = dict(dtype=self.inp.weight.dtype, device=device)
         return {"k": torch.zeros(shape, **kv), "v": torch.zeros(shape, **kv),
-                "n_valid": torch.zeros(batch_size, dtype=torch.long, device=device)}
+                "n": torch.zeros(batch_size, dtype=torch.long, device=device)}
 
-    def _embed(self, seq: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _embed_steps(self, seq: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Input embedding + additive position embedding; RoPE angles [B, 1, T, dh/2] if rope."""
         x = self.inp(seq)
         if self.pos_emb == "rope":
@@ -163,33 +200,40 @@ class TformerTrajEncoder(TrajEncoder):
         return x + pos.to(x.dtype), None
 
     def forward(self, seq: torch.Tensor, time_idxs: Optional[torch.Tensor],
-                hidden_state: Optional[HiddenState] = None,
-                log_dict: Optional[dict] = None) -> tuple[torch.Tensor, Optional[HiddenState]]:
-        self.check_input(seq)
+                hidden_state: Optional[HiddenState] = None, log_dict: Optional[dict] = None,
+                *, in_place: bool = False) -> tuple[torch.Tensor, Optional[HiddenState]]:
+        self.check_input(seq, in_place)
         if time_idxs is None or tuple(time_idxs.shape) != (*seq.shape[:2], 1):
             got = None if time_idxs is None else tuple(time_idxs.shape)
             raise ValueError(f"time_idxs must have shape [batch, time, 1] = {(*seq.shape[:2], 1)}, got {got}")
-        x, angles = self._embed(seq, time_idxs[..., 0].long())
+        x, angles = self._embed_steps(seq, time_idxs[..., 0].long())
         x = self.dropout(x)
         W = self.max_seq_len
         if hidden_state is None:
-            pasts, first_valid = [None] * self.n_layers, None
+            for block in self.blocks:
+                x = block(x, W, angles)
+            state = None
         else:
-            pasts = list(zip(hidden_state["k"].unbind(1), hidden_state["v"].unbind(1)))
-            first_valid = W - hidden_state["n_valid"]
-        kvs = []
-        for block, past in zip(self.blocks, pasts):
-            x, kv = block(x, past, W, first_valid, angles)
-            kvs.append(kv)
+            x, state = self._continue(x, angles, hidden_state, in_place)
         if log_dict is not None:
             self._log(x, log_dict)
-        x = self.out_norm(x)
-        if hidden_state is None:
-            return x, None
-        dtype = hidden_state["k"].dtype
-        return x, {"k": torch.stack([k[:, :, -W:] for k, _ in kvs], dim=1).to(dtype),
-                   "v": torch.stack([v[:, :, -W:] for _, v in kvs], dim=1).to(dtype),
-                   "n_valid": (hidden_state["n_valid"] + seq.shape[1]).clamp(max=W)}
+        return self.out_norm(x), state
+
+    def _continue(self, x: torch.Tensor, angles: Optional[torch.Tensor], state: HiddenState,
+                  in_place: bool) -> tuple[torch.Tensor, HiddenState]:
+        """Runs x [B, T, D] on from ``state``; returns the output and the state after it."""
+        W, n, T = self.max_seq_len, state["n"], x.shape[1]
+        steps = n.unsqueeze(1) + torch.arange(T, device=n.device)
+        key_steps = ring_steps(n + 1, W) if T == 1 else torch.cat([ring_steps(n, W), steps], 1)
+        mask = steps_mask(steps, key_steps, W)  # one mask for every layer
+        caches = [KVCache(k, v) for k, v in zip(state["k"].unbind(1), state["v"].unbind(1))]
+        if not in_place:
+            caches = [cache.clone() for cache in caches]
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, W, angles, cache, steps, mask)
+        k, v = (state["k"], state["v"]) if in_place else (
+            torch.stack([c.k for c in caches], 1), torch.stack([c.v for c in caches], 1))
+        return x, {"k": k, "v": v, "n": n + T}
 
     @torch.no_grad()
     def _log(self, x: torch.Tensor, log_dict: dict) -> None:
