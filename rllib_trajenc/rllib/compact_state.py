@@ -36,6 +36,8 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 from ray.rllib.utils.numpy import convert_to_numpy
 
+from rllib_trajenc.rllib.module import FRESH_STATE_IN
+
 STORE_KEY = "rllib_trajenc_state"
 State = dict[str, np.ndarray]
 
@@ -159,6 +161,10 @@ class AddStatesFromEpisodeStore(ConnectorV2):
             store.snapshot(len(episode), max_seq_len)
             state = _or_initial(store.running, module)
             self.add_batch_item(batch, Columns.STATE_IN, state, single_agent_episode=episode)
+        if not self._as_learner_connector:
+            # RLlib stacks these rows into a new STATE_IN batch, which the module may then update
+            # in place instead of copying (the running states above are views of its last output).
+            batch[FRESH_STATE_IN] = [True]
         return batch
 
 

@@ -3,10 +3,17 @@
 One ``_forward`` serves the env runner ([B, 1, ...] with STATE_IN, one step per call) and the
 learner ([B, max_seq_len, ...] zero-padded chunks whose STATE_IN is the state before the chunk),
 so both compute the same function and the learner reproduces the rollout's log-probs.
+
+On env runners with with_traj_encoder's connector pieces, ``forward_exploration`` and
+``forward_inference`` consume STATE_IN: those pieces build a fresh STATE_IN batch for every env
+step and say so with the ``FRESH_STATE_IN`` column, and the encoder then updates its tensors in
+place and returns them as STATE_OUT, so a rollout step never copies a large state such as the
+Transformer's KV cache. Without that column (your own inference loop) STATE_IN is left as it is.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import gymnasium as gym
@@ -38,6 +45,9 @@ if TYPE_CHECKING:
 # STATE_IN/STATE_OUT hold the encoder's state plus this entry: the episode time index of the
 # next step, which the Transformer needs for its position embedding.
 TIME_KEY = "t"
+
+# A batch column meaning "STATE_IN is this call's own": the encoder may update it in place.
+FRESH_STATE_IN = "rllib_trajenc_fresh_state_in"
 
 # forward_train's output entry holding the encoder's diagnostics ({name: detached 0-dim tensor}).
 DIAGNOSTICS = "traj_encoder_diagnostics"
@@ -97,6 +107,9 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         self.tstep_encoder = TstepEncoder(self.observation_space, cfg.tstep_dim, cfg.tstep_hiddens,
                                           cfg.activation, cfg.time_scale)
         self.traj_encoder = cfg.build_traj_encoder()
+        # Encoders of this package (and custom ones that take the keyword) update the state in
+        # place on rollouts; others get the plain call.
+        self._encoder_updates_in_place = "in_place" in inspect.signature(self.traj_encoder.forward).parameters
         emb_dim = self.traj_encoder.emb_dim
         self.pi = MLP(emb_dim, cfg.head_hiddens, n_dist_inputs, cfg.activation)
         self.vf = MLP(emb_dim, cfg.head_hiddens, 1, cfg.activation)
@@ -118,9 +131,24 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         return {**{key: value[0].numpy() for key, value in state.items()}, TIME_KEY: np.zeros((), np.int64)}
 
     @override(TorchRLModule)
+    def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        return self._rollout_step(batch, **kwargs)
+
+    @override(TorchRLModule)
+    def _forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        return self._rollout_step(batch, **kwargs)
+
+    def _rollout_step(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        in_place = batch.pop(FRESH_STATE_IN, None) is not None
+        with torch.no_grad():
+            return self._forward(batch, state_in_place=in_place, **kwargs)
+
+    @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], *, keep_embeddings: bool = False,
-                 log_dict: Optional[dict[str, torch.Tensor]] = None, **kwargs) -> dict[str, Any]:
-        embeddings, state_out = self._embed(batch, self.tstep_encoder, self.traj_encoder, log_dict)
+                 log_dict: Optional[dict[str, torch.Tensor]] = None, state_in_place: bool = False,
+                 **kwargs) -> dict[str, Any]:
+        embeddings, state_out = self._encode(batch, self.tstep_encoder, self.traj_encoder, log_dict,
+                                             state_in_place)
         out = {Columns.ACTION_DIST_INPUTS: self.pi(embeddings)}
         if state_out:
             out[Columns.STATE_OUT] = state_out
@@ -162,7 +190,7 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
             # no dropout noise in the targets, and no train-mode side effect (e.g. sigma-reparam's
             # power step) that would make the next forward_train differ from the env runner.
             with _eval_mode(self):
-                embeddings, _ = self._embed(batch, self.tstep_encoder, self.traj_encoder)
+                embeddings, _ = self._encode(batch, self.tstep_encoder, self.traj_encoder)
         return self.vf(embeddings).squeeze(-1)
 
     @override(TargetNetworkAPI)
@@ -177,27 +205,32 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
     @override(TargetNetworkAPI)
     def forward_target(self, batch: dict[str, Any]) -> dict[str, Any]:
         # The target encoder starts from the behaviour policy's STATE_IN (the only state stored).
-        embeddings, _ = self._embed(batch, self._old_tstep_encoder, self._old_traj_encoder)
+        embeddings, _ = self._encode(batch, self._old_tstep_encoder, self._old_traj_encoder)
         return {TARGET_NETWORK_ACTION_DIST_INPUTS: self._old_pi(embeddings)}
 
     @override(InferenceOnlyAPI)
     def get_non_inference_attributes(self) -> list[str]:
         return ["vf", *(f"_old_{name}" for name in _TARGETED)]
 
-    def _embed(self, batch: dict[str, Any], tstep_encoder: TstepEncoder, traj_encoder: TrajEncoder,
-               log_dict: Optional[dict[str, torch.Tensor]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _encode(self, batch: dict[str, Any], tstep_encoder: TstepEncoder, traj_encoder: TrajEncoder,
+                log_dict: Optional[dict[str, torch.Tensor]] = None,
+                state_in_place: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Obs [B, (T,) ...] -> embeddings [B, (T,) emb_dim] and the state after the last step.
 
         Sequences continue from STATE_IN when the batch has one, else start an episode. The
-        traj encoder writes its diagnostics into ``log_dict`` when one is given.
+        traj encoder writes its diagnostics into ``log_dict`` when one is given, and updates
+        STATE_IN in place when ``state_in_place`` (rollouts) and it knows how.
         """
         obs = batch[Columns.OBS]
         lead = tstep_encoder.lead_shape(obs)  # (B,) on env runners without a time dim, else (B, T)
         hidden, t0 = self._state_to_encoder(batch.get(Columns.STATE_IN), lead[0])
+        if state_in_place and hidden is not None:
+            hidden = self._owned(hidden)
         steps = lead[1] if len(lead) == 2 else 1
         time_idxs = (t0.view(-1, 1) + torch.arange(steps, device=t0.device)).unsqueeze(-1)
         x = tstep_encoder(obs, time_idxs.view(*lead, 1)).reshape(lead[0], steps, -1)
-        out, hidden = traj_encoder(x, time_idxs, hidden_state=hidden, log_dict=log_dict)
+        in_place = {"in_place": True} if state_in_place and self._encoder_updates_in_place else {}
+        out, hidden = traj_encoder(x, time_idxs, hidden_state=hidden, log_dict=log_dict, **in_place)
         return (out if len(lead) == 2 else out.squeeze(1)), self._state_from_encoder(hidden, t0 + steps)
 
     def _state_to_encoder(self, state_in: Optional[dict[str, torch.Tensor]],
@@ -208,6 +241,20 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
             return None, torch.zeros(batch_size, dtype=torch.long, device=device)
         hidden = {key: value for key, value in state_in.items() if key != TIME_KEY}
         return hidden, state_in[TIME_KEY].long()
+
+    def _owned(self, hidden: HiddenState) -> HiddenState:
+        """``hidden`` with a private copy of every tensor that an in-place update must not touch:
+        views of the cached fresh-episode state (np.expand_dims of get_initial_state(), as a
+        hand-written inference loop makes) and broadcast rows (expand). RLlib's own batches
+        are fresh stacks and pass through uncopied."""
+        initial = self.get_initial_state()
+
+        def shared(key: str, tensor: torch.Tensor) -> bool:
+            start = initial[key].ctypes.data
+            return (not tensor.is_contiguous()
+                    or (tensor.device.type == "cpu" and start <= tensor.data_ptr() < start + initial[key].nbytes))
+
+        return {key: value.clone() if shared(key, value) else value for key, value in hidden.items()}
 
     @staticmethod
     def _state_from_encoder(hidden: Optional[HiddenState], t: torch.Tensor) -> dict[str, torch.Tensor]:
