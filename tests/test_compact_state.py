@@ -9,9 +9,10 @@ import pytest
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 from rllib_trajenc.rllib import TrajEncoderRLModule
-from rllib_trajenc.rllib.compact_state import STORE_KEY, StateStore, stored_state_bytes
+from rllib_trajenc.rllib.compact_state import STORE_KEY, StateStore, chunk_store, stored_state_bytes
 from test_rllib_module import (  # noqa: F401 (ray_session is a fixture)
     MAX_SEQ_LEN, logp_error, ppo_config, ray_session, sample_and_recompute, with_small_encoder,
 )
@@ -65,11 +66,20 @@ def test_snapshots_sit_where_the_learner_starts_its_rows(ray_session):
         assert sorted(shipped.custom_data[STORE_KEY].snapshots) == sorted(store.snapshots)
 
 
-def test_cutting_an_episode_carries_the_state_not_the_snapshots():
-    store = StateStore(t_started=5, running={"h": np.ones(3, np.float32)})
+def test_cutting_an_episode_starts_the_successor_from_the_state_at_the_cut():
+    """RLlib cuts by deep-copying custom_data, before the successor's first step updates the
+    running row in place: the copy's record of it becomes the successor's snapshot 0."""
+    running = {"h": np.ones(3, np.float32)}
+    store = StateStore(t_started=5, running=running)
     store.snapshots[0] = {"h": np.zeros(3, np.float32)}
-    successor = copy.deepcopy({STORE_KEY: store})[STORE_KEY]
-    assert successor.running is store.running and successor.snapshots == {}
+    copied = copy.deepcopy({STORE_KEY: store})[STORE_KEY]
+    assert copied.running is store.running and copied.snapshots == store.snapshots
+    running["h"] += 1.0  # the successor's first step
+    successor = SingleAgentEpisode(t_started=9)
+    successor.custom_data[STORE_KEY] = copied
+    started = chunk_store(successor)
+    assert started.t_started == 9 and sorted(started.snapshots) == [0]
+    assert started.state_before(0)["h"].tolist() == [1.0, 1.0, 1.0] and started.running is running
 
 
 def test_missing_snapshot_is_reported():

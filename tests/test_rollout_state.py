@@ -1,4 +1,4 @@
-"""Rollout steps update the encoder state in place only where the batch owns it."""
+"""Env runners keep their envs' states in the module and update them in place; nothing else does."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 import torch
 from ray.rllib.core.columns import Columns
 
-from rllib_trajenc.rllib.module import FRESH_STATE_IN, TrajEncoderRLModule
+from rllib_trajenc.rllib.module import ROLLOUT_ROW
+from rllib_trajenc.rllib.rollout_state import RolloutState
 from test_rllib_module import (  # noqa: F401 (ray_session is a fixture)
     build_module, logp_error, ppo_config, ray_session, sample_and_recompute, with_small_encoder,
 )
@@ -14,21 +15,12 @@ from test_rllib_module import (  # noqa: F401 (ray_session is a fixture)
 IN_PLACE = ["mamba", "transformer"]
 
 
-def initial_views(module: TrajEncoderRLModule, n: int) -> dict[str, torch.Tensor]:
-    """STATE_IN as a hand-written inference loop builds it: views of the cached initial state."""
-    return {k: torch.from_numpy(np.expand_dims(v, 0)).expand(n, *v.shape) if n > 1
-            else torch.from_numpy(np.expand_dims(v, 0)) for k, v in module.get_initial_state().items()}
-
-
-def fresh_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in state.items()}
-
-
-@pytest.mark.parametrize("encoder", IN_PLACE)
-def test_env_runner_steps_update_the_state_in_place_and_stay_exact(ray_session, encoder):
+@pytest.mark.parametrize("encoder", ["gru", *IN_PLACE])
+def test_env_runner_steps_update_the_module_rows_in_place_and_stay_exact(ray_session, encoder):
     algo = with_small_encoder(ppo_config(), encoder).build_algo()
     try:
-        traj_encoder = algo.env_runner.module.traj_encoder
+        runner = algo.env_runner
+        traj_encoder = runner.module.traj_encoder
         calls: list[bool] = []
         original = traj_encoder.forward
 
@@ -37,8 +29,11 @@ def test_env_runner_steps_update_the_state_in_place_and_stay_exact(ray_session, 
             return original(*args, **kwargs)
 
         traj_encoder.forward = spy
-        episodes, batch, module = sample_and_recompute(algo)
+        episodes, batch, module = sample_and_recompute(algo)  # several sample() calls: cut chunks
         assert calls and all(calls), "every rollout step takes the in-place path"
+        # STATE_IN names rows only; the states themselves stay in the module, one row per env.
+        assert set(runner._cached_to_module[Columns.STATE_IN]) == {ROLLOUT_ROW}
+        assert runner.module._rollout.n_rows == runner.num_envs
         assert logp_error(module, batch) <= 1e-4
     finally:
         algo.stop()
@@ -47,28 +42,50 @@ def test_env_runner_steps_update_the_state_in_place_and_stay_exact(ray_session, 
 @pytest.mark.parametrize("encoder", IN_PLACE)
 def test_a_callers_state_is_left_alone(encoder):
     module = build_module(encoder=encoder)
-    obs, state = torch.randn(3, 1, 2), fresh_copy(initial_views(module, 3))
+    obs = torch.randn(3, 1, 2)
+    state = {k: torch.as_tensor(v).repeat(3, *[1] * v.ndim) for k, v in module.get_initial_state().items()}
     first = module.forward_inference({Columns.OBS: obs, Columns.STATE_IN: state})
     second = module.forward_inference({Columns.OBS: obs, Columns.STATE_IN: state})
     assert torch.equal(first[Columns.ACTION_DIST_INPUTS], second[Columns.ACTION_DIST_INPUTS])
-    assert all(not v.any() for k, v in state.items())  # still the fresh-episode state
+    assert all(not v.any() for v in state.values())  # still the fresh-episode state
+    assert all(not np.any(v) for v in module.get_initial_state().values())
     assert all(first[Columns.STATE_OUT][k] is not state[k] for k in state)
 
 
 @pytest.mark.parametrize("encoder", IN_PLACE)
-@pytest.mark.parametrize("n_envs", [1, 3])
-def test_a_fresh_state_in_is_updated_in_place_but_never_the_cached_initial_state(encoder, n_envs):
+def test_the_rollout_path_computes_what_the_state_path_computes(encoder):
     module = build_module(encoder=encoder)
-    obs = torch.randn(n_envs, 1, 2)
-    expected = module.forward_inference({Columns.OBS: obs, Columns.STATE_IN: initial_views(module, n_envs)})
-    views = initial_views(module, n_envs)
-    out = module.forward_inference({Columns.OBS: obs, Columns.STATE_IN: views, FRESH_STATE_IN: [True]})
-    assert all(not np.any(v) for v in module.get_initial_state().values())
-    owned = fresh_copy(views)
-    out_owned = module.forward_inference({Columns.OBS: obs, Columns.STATE_IN: owned, FRESH_STATE_IN: [True]})
-    big = max(owned, key=lambda k: owned[k].numel())
-    assert out_owned[Columns.STATE_OUT][big] is owned[big]  # no copy of the large state
-    for result in (out, out_owned):  # Mamba's single-step recurrence vs its scan: rounding only
-        torch.testing.assert_close(result[Columns.ACTION_DIST_INPUTS], expected[Columns.ACTION_DIST_INPUTS],
+    rows = module.rollout_state(3)
+    for row in range(3):
+        rows.claim(row, f"episode{row}", None)
+    big = max(rows.tensors, key=lambda k: rows.tensors[k].numel())
+    memory = rows.tensors[big].data_ptr()
+    state = {k: v.clone() for k, v in rows.tensors.items()}
+    for _ in range(4):
+        obs = torch.randn(3, 1, 2)
+        expected = module.forward_inference({Columns.OBS: obs, Columns.STATE_IN: state})
+        out = module.forward_inference({Columns.OBS: obs, Columns.STATE_IN: {ROLLOUT_ROW: torch.arange(3)}})
+        assert Columns.STATE_OUT not in out
+        state = expected[Columns.STATE_OUT]
+        # Mamba's single-step recurrence vs its scan: rounding only.
+        torch.testing.assert_close(out[Columns.ACTION_DIST_INPUTS], expected[Columns.ACTION_DIST_INPUTS],
                                    atol=1e-5, rtol=0)
-        torch.testing.assert_close(result[Columns.STATE_OUT], expected[Columns.STATE_OUT], atol=1e-5, rtol=0)
+        torch.testing.assert_close(rows.tensors, state, atol=1e-5, rtol=0)
+    assert rows.tensors[big].data_ptr() == memory  # updated where it lives, never reallocated
+    with pytest.raises(ValueError, match=r"STATE_IN\['rollout_row'\]=\[1, 0, 2\] must name every row"):
+        module.forward_inference({Columns.OBS: obs, Columns.STATE_IN: {ROLLOUT_ROW: torch.tensor([1, 0, 2])}})
+
+
+def test_a_row_changes_hands_by_loading_the_new_owners_state():
+    initial = {"h": np.zeros(2, np.float32), "t": np.zeros((), np.int64)}
+    rows = RolloutState(initial, 2, torch.device("cpu"))
+    rows.claim(0, "a", None)
+    rows.tensors["h"][0] += 5.0  # a step
+    rows.claim(0, "a", {"h": np.ones(2), "t": np.int64(9)})  # same owner: nothing is loaded
+    assert rows.tensors["h"][0].tolist() == [5.0, 5.0]
+    view = rows.row(0)
+    rows.claim(0, "b", {"h": np.full(2, 3.0), "t": np.int64(9)})  # another episode takes the row
+    assert view["h"].tolist() == [3.0, 3.0] and int(view["t"]) == 9  # views follow the row
+    rows.claim(0, "c", None)  # a fresh episode starts from the initial state
+    assert not rows.tensors["h"][0].any() and int(rows.tensors["t"][0]) == 0
+    assert rows.tensors["h"][1].tolist() == [0.0, 0.0]  # other rows untouched

@@ -3,16 +3,19 @@
 By default RLlib writes every STATE_OUT into the episode, so a state of S bytes costs S
 bytes per env step: ~120 KB for a default Mamba, ~1.5 MB for a Transformer KV cache. The
 learner, however, only needs the state at the start of each ``max_seq_len`` (W) piece of
-an episode chunk. So STATE_OUT is taken out of the batch before it reaches the episode,
-and each episode chunk keeps a ``StateStore`` in ``episode.custom_data[STORE_KEY]``:
+an episode chunk. So on env runners the running states stay in the module (a
+``RolloutState``, one row per env, updated in place by every step; STATE_IN only names the
+row), and each episode chunk keeps a ``StateStore`` in ``episode.custom_data[STORE_KEY]``:
 
 * ``snapshots``: ``{offset: state before step offset}`` for offsets 0, W, 2W, ... of the
   chunk, and for its length when that is a multiple of W (where a bootstrap row, like
-  PPO's, starts) -- exactly the STATE_IN rows the learner builds;
-* ``running``: the state after the chunk's latest step, which the next env step starts
-  from. It lives only on the env runner: it is left out when the episode is pickled for
-  the learners, and RLlib's deep copy of ``custom_data`` into the successor chunk (when it
-  cuts an ongoing episode) shares it while dropping the snapshots.
+  PPO's, starts) -- exactly the STATE_IN rows the learner builds; copies, taken before the
+  step at that offset runs;
+* ``running``: a view of the episode's row, the state the next env step starts from. It
+  lives only on the env runner: it is left out when the episode is pickled for the learners.
+  RLlib cuts an ongoing episode by deep-copying ``custom_data`` into the successor chunk
+  after preparing, but before running, the successor's first step: the copy records the
+  running state then, as the successor's start state.
 
 ``None`` stands for the fresh-episode state, which is never stored. Shipped bytes per env
 step are thus ``state_bytes / W`` plus one state per chunk that continues an episode.
@@ -36,7 +39,8 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 from ray.rllib.utils.numpy import convert_to_numpy
 
-from rllib_trajenc.rllib.module import FRESH_STATE_IN
+from rllib_trajenc.rllib.module import ROLLOUT_ROW
+from rllib_trajenc.rllib.rollout_state import copy_to_numpy
 
 STORE_KEY = "rllib_trajenc_state"
 State = dict[str, np.ndarray]
@@ -56,21 +60,24 @@ def _or_initial(state: Optional[State], module: RLModule) -> State:
 class StateStore:
     """The encoder state one episode chunk keeps (see the module docstring)."""
 
-    def __init__(self, t_started: int, running: Optional[State] = None):
+    def __init__(self, t_started: int, running: Optional[dict] = None):
         self.t_started = t_started
         self.running = running
         self.snapshots: dict[int, Optional[State]] = {}
+        self.state_at_copy: Optional[State] = None  # set by deep copies: a cut's start state
 
     def snapshot(self, offset: int, max_seq_len: int) -> None:
         """Records the running state as the state before step ``offset``, if a learner row starts there."""
         if offset % max_seq_len == 0 and offset not in self.snapshots:
-            # Copied: `running` is a row view into the batched state of one env-runner step.
-            self.snapshots[offset] = None if self.running is None else tree.map_structure(np.array, self.running)
+            self.snapshots[offset] = None if self.running is None else copy_to_numpy(self.running)
 
     def __deepcopy__(self, memo: dict) -> StateStore:
-        # Called when RLlib cuts an episode: the successor continues from `running` (never
-        # changed in place, so it is shared) and needs none of its predecessor's snapshots.
-        return StateStore(self.t_started, self.running)
+        # The running state is shared (it is the episode's row, still running); snapshots are
+        # never changed in place, so the copy may share them too.
+        copied = StateStore(self.t_started, self.running)
+        copied.snapshots = dict(self.snapshots)
+        copied.state_at_copy = None if self.running is None else copy_to_numpy(self.running)
+        return copied
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled = shipped to a learner, which needs the snapshots only.
@@ -98,35 +105,18 @@ def chunk_store(episode: SingleAgentEpisode) -> StateStore:
     """This episode chunk's store, started anew when the chunk is new (fresh or just cut)."""
     store = episode.custom_data.get(STORE_KEY)
     if store is None or store.t_started != episode.t_started:
-        store = StateStore(episode.t_started, None if store is None else store.running)
-        episode.custom_data[STORE_KEY] = store
+        successor = StateStore(episode.t_started, None if store is None else store.running)
+        if store is not None:  # a cut: the predecessor's copy holds this chunk's start state
+            successor.snapshots[0] = store.state_at_copy
+        episode.custom_data[STORE_KEY] = successor
+        store = successor
     return store
 
 
-class SaveStateOutToEpisodes(ConnectorV2):
-    """Module-to-env: moves STATE_OUT out of the batch into the episodes' stores."""
-
-    def __call__(self, *, rl_module: RLModule, batch: dict, episodes: list, **kwargs) -> Any:
-        states = batch.pop(Columns.STATE_OUT, None)
-        if not states:
-            return batch
-        by_id = {episode.id_: episode for episode in episodes}
-        for (episode_id, *_), items in states.items():
-            episode = by_id.get(episode_id)
-            if episode is None:  # finished episode: its row only produced a discarded action
-                continue
-            store = chunk_store(episode)
-            # A chunk cut from an ongoing episode first gets its start state here.
-            store.snapshot(len(episode), _single(rl_module, episode).model_config["max_seq_len"])
-            # A view, not a copy: the module wrote this step's state into a batch of its own,
-            # which nothing changes later (each step's STATE_IN is a fresh stack of these rows).
-            store.running = items[-1]
-        return batch
-
-
 class AddStatesFromEpisodeStore(ConnectorV2):
-    """Env-to-module / learner: STATE_IN from the stores. RLlib's own state and time-dim
-    pieces then find STATE_IN in the batch and step aside."""
+    """Env-to-module: STATE_IN names each episode's row of the module's RolloutState.
+    Learner: STATE_IN from the stores' snapshots. RLlib's own state and time-dim pieces then
+    find STATE_IN in the batch and step aside."""
 
     def __init__(self, input_observation_space=None, input_action_space=None, *,
                  as_learner_connector: bool = False, **kwargs):
@@ -136,9 +126,10 @@ class AddStatesFromEpisodeStore(ConnectorV2):
     def __call__(self, *, rl_module: RLModule, batch: dict, episodes: list, **kwargs) -> Any:
         if rl_module is None or not rl_module.is_stateful() or Columns.STATE_IN in batch:
             return batch
-        for episode in self.single_agent_episode_iterator(
-            episodes, agents_that_stepped_only=not self._as_learner_connector
-        ):
+        episodes = list(self.single_agent_episode_iterator(
+            episodes, agents_that_stepped_only=not self._as_learner_connector))
+        rows_used: list[int] = []
+        for episode in episodes:
             module = _single(rl_module, episode)
             max_seq_len = module.model_config["max_seq_len"]
             if self._as_learner_connector:
@@ -157,14 +148,15 @@ class AddStatesFromEpisodeStore(ConnectorV2):
                                        num_items=n_chunks, single_agent_episode=episode)
                 continue
             store = chunk_store(episode)
-            # Before RLlib may cut or finish the chunk: a bootstrap row would start here.
+            # Before the step runs (and before RLlib may cut or finish the chunk: a bootstrap
+            # row would start here).
             store.snapshot(len(episode), max_seq_len)
-            state = _or_initial(store.running, module)
-            self.add_batch_item(batch, Columns.STATE_IN, state, single_agent_episode=episode)
-        if not self._as_learner_connector:
-            # RLlib stacks these rows into a new STATE_IN batch, which the module may then update
-            # in place instead of copying (the running states above are views of its last output).
-            batch[FRESH_STATE_IN] = [True]
+            rows, row = module.rollout_state(len(episodes)), len(rows_used)
+            rows.claim(row, episode.id_, store.running)
+            store.running = rows.row(row)
+            rows_used.append(row)
+            self.add_batch_item(batch, Columns.STATE_IN, {ROLLOUT_ROW: np.int64(row)},
+                                single_agent_episode=episode)
         return batch
 
 
@@ -172,10 +164,6 @@ def env_to_module_pieces() -> list[ConnectorV2]:
     """RLlib's default observation and time-dim pieces, then STATE_IN from the store."""
     return [AddObservationsFromEpisodesToBatch(), AddTimeDimToBatchAndZeroPad(),
             AddStatesFromEpisodeStore()]
-
-
-def module_to_env_pieces() -> list[ConnectorV2]:
-    return [SaveStateOutToEpisodes()]
 
 
 def learner_pieces() -> list[ConnectorV2]:

@@ -54,8 +54,6 @@ def install_connectors(config: AlgorithmConfig, model: TrajEncoderModelConfig) -
             config._env_to_module_connector,
             functools.partial(_env_to_module_pieces, model.prev_action, model.prev_reward, compact)))
     if compact:
-        config = config.env_runners(module_to_env_connector=_UserPiecesThen(
-            config._module_to_env_connector, compact_state.module_to_env_pieces))
         config = config.learners(learner_connector=_UserPiecesThen(
             config._learner_connector, compact_state.learner_pieces))
     return config

@@ -4,11 +4,11 @@ One ``_forward`` serves the env runner ([B, 1, ...] with STATE_IN, one step per 
 learner ([B, max_seq_len, ...] zero-padded chunks whose STATE_IN is the state before the chunk),
 so both compute the same function and the learner reproduces the rollout's log-probs.
 
-On env runners with with_traj_encoder's connector pieces, ``forward_exploration`` and
-``forward_inference`` consume STATE_IN: those pieces build a fresh STATE_IN batch for every env
-step and say so with the ``FRESH_STATE_IN`` column, and the encoder then updates its tensors in
-place and returns them as STATE_OUT, so a rollout step never copies a large state such as the
-Transformer's KV cache. Without that column (your own inference loop) STATE_IN is left as it is.
+On env runners with with_traj_encoder's connector pieces the module keeps its envs' running
+states itself (``rollout_state``, see rollout_state.py): STATE_IN then holds only each env's row
+(``ROLLOUT_ROW``), the encoder updates those rows in place, and no STATE_OUT is returned, so a
+rollout step never copies a large state such as the Transformer's KV cache. A STATE_IN that
+holds the state itself (RLlib's default pieces, your own inference loop) is left unchanged.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from ray.rllib.utils.typing import ModuleID
 from rllib_trajenc.nets.base import HiddenState, TrajEncoder
 from rllib_trajenc.rllib.config import TrajEncoderModelConfig
 from rllib_trajenc.rllib.prev_action_reward import PREV_ACTION, PREV_REWARD
+from rllib_trajenc.rllib.rollout_state import RolloutState
 from rllib_trajenc.rllib.tstep_encoder import MLP, TstepEncoder
 
 if TYPE_CHECKING:
@@ -46,8 +47,9 @@ if TYPE_CHECKING:
 # next step, which the Transformer needs for its position embedding.
 TIME_KEY = "t"
 
-# A batch column meaning "STATE_IN is this call's own": the encoder may update it in place.
-FRESH_STATE_IN = "rllib_trajenc_fresh_state_in"
+# STATE_IN's only entry on env runners with the compact-state pieces: the row of each env's
+# running state in the module's RolloutState.
+ROLLOUT_ROW = "rollout_row"
 
 # forward_train's output entry holding the encoder's diagnostics ({name: detached 0-dim tensor}).
 DIAGNOSTICS = "traj_encoder_diagnostics"
@@ -110,6 +112,7 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         # Encoders of this package (and custom ones that take the keyword) update the state in
         # place on rollouts; others get the plain call.
         self._encoder_updates_in_place = "in_place" in inspect.signature(self.traj_encoder.forward).parameters
+        self._rollout: Optional[RolloutState] = None  # env runners' running states (rollout_state)
         emb_dim = self.traj_encoder.emb_dim
         self.pi = MLP(emb_dim, cfg.head_hiddens, n_dist_inputs, cfg.activation)
         self.vf = MLP(emb_dim, cfg.head_hiddens, 1, cfg.activation)
@@ -131,24 +134,9 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         return {**{key: value[0].numpy() for key, value in state.items()}, TIME_KEY: np.zeros((), np.int64)}
 
     @override(TorchRLModule)
-    def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return self._rollout_step(batch, **kwargs)
-
-    @override(TorchRLModule)
-    def _forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return self._rollout_step(batch, **kwargs)
-
-    def _rollout_step(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        in_place = batch.pop(FRESH_STATE_IN, None) is not None
-        with torch.no_grad():
-            return self._forward(batch, state_in_place=in_place, **kwargs)
-
-    @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], *, keep_embeddings: bool = False,
-                 log_dict: Optional[dict[str, torch.Tensor]] = None, state_in_place: bool = False,
-                 **kwargs) -> dict[str, Any]:
-        embeddings, state_out = self._encode(batch, self.tstep_encoder, self.traj_encoder, log_dict,
-                                             state_in_place)
+                 log_dict: Optional[dict[str, torch.Tensor]] = None, **kwargs) -> dict[str, Any]:
+        embeddings, state_out = self._encode(batch, self.tstep_encoder, self.traj_encoder, log_dict)
         out = {Columns.ACTION_DIST_INPUTS: self.pi(embeddings)}
         if state_out:
             out[Columns.STATE_OUT] = state_out
@@ -213,25 +201,28 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         return ["vf", *(f"_old_{name}" for name in _TARGETED)]
 
     def _encode(self, batch: dict[str, Any], tstep_encoder: TstepEncoder, traj_encoder: TrajEncoder,
-                log_dict: Optional[dict[str, torch.Tensor]] = None,
-                state_in_place: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Obs [B, (T,) ...] -> embeddings [B, (T,) emb_dim] and the state after the last step.
+                log_dict: Optional[dict[str, torch.Tensor]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Obs [B, (T,) ...] -> embeddings [B, (T,) emb_dim] and the state after the last step
+        ({} when the running states live in the module's RolloutState, updated in place).
 
         Sequences continue from STATE_IN when the batch has one, else start an episode. The
-        traj encoder writes its diagnostics into ``log_dict`` when one is given, and updates
-        STATE_IN in place when ``state_in_place`` (rollouts) and it knows how.
+        traj encoder writes its diagnostics into ``log_dict`` when one is given.
         """
         obs = batch[Columns.OBS]
         lead = tstep_encoder.lead_shape(obs)  # (B,) on env runners without a time dim, else (B, T)
-        hidden, t0 = self._state_to_encoder(batch.get(Columns.STATE_IN), lead[0])
-        if state_in_place and hidden is not None:
-            hidden = self._owned(hidden)
+        state_in = batch.get(Columns.STATE_IN)
+        rollout = self._rollout_rows(state_in[ROLLOUT_ROW]) if state_in and ROLLOUT_ROW in state_in else None
+        hidden, t0 = self._state_to_encoder(state_in if rollout is None else rollout.tensors, lead[0])
         steps = lead[1] if len(lead) == 2 else 1
         time_idxs = (t0.view(-1, 1) + torch.arange(steps, device=t0.device)).unsqueeze(-1)
         x = tstep_encoder(obs, time_idxs.view(*lead, 1)).reshape(lead[0], steps, -1)
-        in_place = {"in_place": True} if state_in_place and self._encoder_updates_in_place else {}
+        in_place = {"in_place": True} if rollout is not None and self._encoder_updates_in_place else {}
         out, hidden = traj_encoder(x, time_idxs, hidden_state=hidden, log_dict=log_dict, **in_place)
-        return (out if len(lead) == 2 else out.squeeze(1)), self._state_from_encoder(hidden, t0 + steps)
+        state_out = self._state_from_encoder(hidden, t0 + steps)
+        if rollout is not None:
+            rollout.update(state_out)
+            state_out = {}
+        return (out if len(lead) == 2 else out.squeeze(1)), state_out
 
     def _state_to_encoder(self, state_in: Optional[dict[str, torch.Tensor]],
                           batch_size: int) -> tuple[Optional[HiddenState], torch.Tensor]:
@@ -242,19 +233,18 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         hidden = {key: value for key, value in state_in.items() if key != TIME_KEY}
         return hidden, state_in[TIME_KEY].long()
 
-    def _owned(self, hidden: HiddenState) -> HiddenState:
-        """``hidden`` with a private copy of every tensor that an in-place update must not touch:
-        views of the cached fresh-episode state (np.expand_dims of get_initial_state(), as a
-        hand-written inference loop makes) and broadcast rows (expand). RLlib's own batches
-        are fresh stacks and pass through uncopied."""
-        initial = self.get_initial_state()
+    def rollout_state(self, n_envs: int) -> RolloutState:
+        """The running states of an env runner's ``n_envs`` envs, kept here between steps."""
+        if self._rollout is None or self._rollout.n_rows != n_envs:
+            self._rollout = RolloutState(self.get_initial_state(), n_envs, next(self.parameters()).device)
+        return self._rollout
 
-        def shared(key: str, tensor: torch.Tensor) -> bool:
-            start = initial[key].ctypes.data
-            return (not tensor.is_contiguous()
-                    or (tensor.device.type == "cpu" and start <= tensor.data_ptr() < start + initial[key].nbytes))
-
-        return {key: value.clone() if shared(key, value) else value for key, value in hidden.items()}
+    def _rollout_rows(self, rows: torch.Tensor) -> RolloutState:
+        """The RolloutState whose rows STATE_IN names; they must be all its rows, in order."""
+        if self._rollout is None or not torch.equal(rows.cpu(), torch.arange(self._rollout.n_rows)):
+            raise ValueError(f"STATE_IN[{ROLLOUT_ROW!r}]={rows.tolist()} must name every row of the "
+                             "module's rollout state in order (what AddStatesFromEpisodeStore sends)")
+        return self._rollout
 
     @staticmethod
     def _state_from_encoder(hidden: Optional[HiddenState], t: torch.Tensor) -> dict[str, torch.Tensor]:
