@@ -72,12 +72,12 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(x).chunk(2, dim=-1)                               # [B, d_inner] each
         window = torch.cat([conv_state, x.unsqueeze(-1).to(conv_state.dtype)], -1)  # [B, d_inner, d_conv]
         conv_state.copy_(window[..., 1:])
-        x = F.silu(torch.einsum("bdk,dk->bd", window.to(x.dtype), self.conv.weight[:, 0]) + self.conv.bias)
+        x = F.silu((window.to(x.dtype) * self.conv.weight[:, 0]).sum(-1) + self.conv.bias)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
         decay = torch.mul(delta.unsqueeze(-1), -torch.exp(self.A_log)).exp_()  # [B, d_inner, d_state]
         ssm_state.mul_(decay).addcmul_((delta * x.float()).unsqueeze(-1), B.float().unsqueeze(1))
-        y = (ssm_state.float() @ C.float().unsqueeze(-1)).squeeze(-1) + self.D.float() * x.float()
+        y = (ssm_state.float() * C.float().unsqueeze(1)).sum(-1) + self.D.float() * x.float()
         return self.out_proj((y * F.silu(z.float())).to(x.dtype))
 
 

@@ -1,0 +1,175 @@
+"""How fast one CPU env runner samples with each encoder, side by side with RLlib's LSTM.
+
+Two markdown tables:
+1. PPO sampling on CartPole-v1, one local env runner with 16 envs, encoders at the spec's
+   default sizes through with_traj_encoder (max_seq_len 256), RLlib's LSTM with cell 256 and
+   fcnet [256]: env steps/s, median of interleaved rounds so that load on the machine hits
+   every contender alike, the ratio to the LSTM, and the time spent in this package's
+   connector piece (AddStatesFromEpisodeStore) per vector step.
+2. The encoder alone on the rollout path (16 envs, one step, in place, no autograd): latency at
+   episode step 10 and 2,000 (bounded memory: the two should match), and the step's
+   multiply-adds, with the time they take at this machine's measured matmul rate as the bound.
+Usage: python benchmarks/sampling_cpu.py [--rounds 5] [--steps 2048]
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import platform
+import time
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+import rllib_trajenc as rt
+from rllib_trajenc.rllib import with_traj_encoder
+from rllib_trajenc.rllib.compact_state import AddStatesFromEpisodeStore
+
+N_ENVS = 16
+MAX_SEQ_LEN = 256
+TSTEP_DIM = 64  # with_traj_encoder's default
+LSTM = "rllib_lstm"
+ENCODERS = {"ff": rt.FFTrajEncoder, "gru": rt.GRUTrajEncoder, "mamba": rt.MambaTrajEncoder,
+            "transformer": rt.TformerTrajEncoder}
+
+
+def config_for(contender: str) -> AlgorithmConfig:
+    config = (PPOConfig().environment("CartPole-v1")
+              .env_runners(num_env_runners=0, num_envs_per_env_runner=N_ENVS)
+              .training(minibatch_size=MAX_SEQ_LEN)
+              .debugging(seed=0))
+    if contender == LSTM:
+        return config.rl_module(model_config=DefaultModelConfig(
+            use_lstm=True, lstm_cell_size=256, fcnet_hiddens=[256], max_seq_len=MAX_SEQ_LEN))
+    return with_traj_encoder(config, contender, max_seq_len=MAX_SEQ_LEN)
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+class PieceTimer:
+    """Seconds and calls of our env-to-module piece, per contender (patched in at class level)."""
+
+    def __init__(self) -> None:
+        self.current = ""
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        original = AddStatesFromEpisodeStore.__call__
+
+        def timed_call(piece, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(piece, **kwargs)
+            finally:
+                self.seconds[self.current] = self.seconds.get(self.current, 0.0) + time.perf_counter() - start
+                self.calls[self.current] = self.calls.get(self.current, 0) + 1
+
+        AddStatesFromEpisodeStore.__call__ = timed_call
+
+    def ms_per_call(self, name: str) -> str:
+        return f"{1e3 * self.seconds[name] / self.calls[name]:.3f}" if self.calls.get(name) else "-"
+
+
+def sampling_table(rounds: int, steps: int) -> None:
+    contenders = [LSTM, *ENCODERS]
+    runners = {name: SingleAgentEnvRunner(config=config_for(name)) for name in contenders}
+    for runner in runners.values():  # warm-up: first calls allocate and fill caches
+        runner.sample(num_timesteps=steps // 4, explore=True)
+    timer = PieceTimer()
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for r in range(rounds):
+        for name, runner in runners.items():
+            timer.current = name
+            start = time.perf_counter()
+            sampled = sum(len(e) for e in runner.sample(num_timesteps=steps, explore=True))
+            rates[name].append(sampled / (time.perf_counter() - start))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {rates[n][-1]:,.0f}" for n in contenders),
+              flush=True)
+    lstm = median(rates[LSTM])
+    print(f"\n| contender | env steps/s (median of {rounds}) | min-max | vs RLlib's LSTM "
+          "| our connector piece (ms per vector step) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in contenders:
+        label = "RLlib LSTM-256" if name == LSTM else name
+        print(f"| {label} | {median(rates[name]):,.0f} | {min(rates[name]):,.0f}-{max(rates[name]):,.0f} "
+              f"| {median(rates[name]) / lstm:.2f} | {timer.ms_per_call(name)} |")
+
+
+def timed_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * median(times)
+
+
+@torch.no_grad()
+def state_at(enc: rt.TrajEncoder, episode_step: int) -> dict:
+    """The encoder's state after ``episode_step`` steps of N_ENVS episodes, reached in chunks."""
+    state = enc.init_hidden_state(N_ENVS, torch.device("cpu"))
+    for start in range(0, episode_step, MAX_SEQ_LEN):
+        n = min(MAX_SEQ_LEN, episode_step - start)
+        t = (start + torch.arange(n)).view(1, -1, 1).expand(N_ENVS, -1, -1)
+        _, state = enc(torch.randn(N_ENVS, n, TSTEP_DIM), t, hidden_state=state)
+    return state
+
+
+def matmul_macs_per_s() -> float:
+    """Multiply-adds/s of a rollout-shaped matmul ([16, 256] x [256, 1024]) on this machine."""
+    x, w = torch.randn(N_ENVS, 256), torch.randn(256, 1024)
+    ms = timed_ms(lambda: [x @ w for _ in range(100)], 9)
+    return 100 * N_ENVS * 256 * 1024 / (ms / 1e3)
+
+
+def encoder_table(repeats: int) -> None:
+    rate = matmul_macs_per_s()
+    print(f"\nmatmul rate here: {rate / 1e9:.1f} G multiply-adds/s ([16, 256] x [256, 1024])")
+    print("\n| encoder | step latency @ t=10 (ms) | @ t=2,000 (ms) | multiply-adds per env step "
+          "| bound at the matmul rate (ms, 16 envs) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, cls in ENCODERS.items():
+        enc = cls(TSTEP_DIM, MAX_SEQ_LEN).eval()
+        # Checkouts from before in-place rollout steps (for before/after tables) lack the keyword.
+        in_place = {"in_place": True} if "in_place" in inspect.signature(enc.forward).parameters else {}
+        latency, macs = [], 0
+        for episode_step in (10, 2000):
+            state = state_at(enc, episode_step)
+            x = torch.randn(N_ENVS, 1, TSTEP_DIM)
+            t = torch.full((N_ENVS, 1, 1), episode_step)
+
+            def step() -> None:
+                with torch.no_grad():
+                    enc(x, t, hidden_state=state, **in_place)
+
+            latency.append(timed_ms(step, repeats))
+            with FlopCounterMode(display=False) as counter:
+                step()
+            macs = max(macs, counter.get_total_flops() // 2 // N_ENVS)
+        print(f"| {name} | {latency[0]:.2f} | {latency[1]:.2f} | {macs / 1e6:.2f} M "
+              f"| {macs * N_ENVS / rate * 1e3:.2f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved sampling rounds")
+    parser.add_argument("--steps", type=int, default=2048, help="env steps per contender per round")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls per encoder latency")
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads; {N_ENVS} envs, "
+          f"max_seq_len {MAX_SEQ_LEN}, spec-default encoder sizes, tstep_dim {TSTEP_DIM}")
+    sampling_table(args.rounds, args.steps)
+    encoder_table(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
