@@ -7,8 +7,10 @@ Two markdown tables:
    every contender alike, the ratio to the LSTM, and the time spent in this package's
    connector piece (AddStatesFromEpisodeStore) per vector step.
 2. The encoder alone on the rollout path (16 envs, one step, in place, no autograd): latency at
-   episode step 10 and 2,000 (bounded memory: the two should match), and the step's
-   multiply-adds, with the time they take at this machine's measured matmul rate as the bound.
+   episode step 10 and 2,000 (bounded memory: the two should match), the step's multiply-adds
+   and the state bytes it reads, and the bound they set at this machine's measured matmul
+   rate and memory read rate (a step must read its whole state: attention reads every cached
+   key and value).
 Usage: python benchmarks/sampling_cpu.py [--rounds 5] [--steps 2048]
 """
 from __future__ import annotations
@@ -130,12 +132,19 @@ def matmul_macs_per_s() -> float:
     return 100 * N_ENVS * 256 * 1024 / (ms / 1e3)
 
 
+def read_bytes_per_s() -> float:
+    """Memory read rate: summing a 64 MiB tensor, far beyond the caches."""
+    big = torch.ones(16 * 2**20)
+    return big.numel() * 4 / (timed_ms(big.sum, 9) / 1e3)
+
+
 def encoder_table(repeats: int) -> None:
-    rate = matmul_macs_per_s()
-    print(f"\nmatmul rate here: {rate / 1e9:.1f} G multiply-adds/s ([16, 256] x [256, 1024])")
+    rate, bandwidth = matmul_macs_per_s(), read_bytes_per_s()
+    print(f"\nmatmul rate here: {rate / 1e9:.1f} G multiply-adds/s ([16, 256] x [256, 1024]); "
+          f"memory read rate: {bandwidth / 1e9:.1f} GB/s")
     print("\n| encoder | step latency @ t=10 (ms) | @ t=2,000 (ms) | multiply-adds per env step "
-          "| bound at the matmul rate (ms, 16 envs) |")
-    print("|---|---:|---:|---:|---:|")
+          "| state bytes per env | bound (ms, 16 envs): matmuls / state read |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, cls in ENCODERS.items():
         enc = cls(TSTEP_DIM, MAX_SEQ_LEN).eval()
         # Checkouts from before in-place rollout steps (for before/after tables) lack the keyword.
@@ -154,8 +163,9 @@ def encoder_table(repeats: int) -> None:
             with FlopCounterMode(display=False) as counter:
                 step()
             macs = max(macs, counter.get_total_flops() // 2 // N_ENVS)
-        print(f"| {name} | {latency[0]:.2f} | {latency[1]:.2f} | {macs / 1e6:.2f} M "
-              f"| {macs * N_ENVS / rate * 1e3:.2f} |", flush=True)
+        state_bytes = sum(v.numel() * v.element_size() for v in state.values()) // N_ENVS if state else 0
+        print(f"| {name} | {latency[0]:.2f} | {latency[1]:.2f} | {macs / 1e6:.2f} M | {state_bytes:,} "
+              f"| {macs * N_ENVS / rate * 1e3:.2f} / {state_bytes * N_ENVS / bandwidth * 1e3:.2f} |", flush=True)
 
 
 def main() -> None:
