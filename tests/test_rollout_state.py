@@ -39,6 +39,22 @@ def test_env_runner_steps_update_the_module_rows_in_place_and_stay_exact(ray_ses
         algo.stop()
 
 
+def test_env_runners_act_with_the_weights_they_were_sent(ray_session):
+    """After a training iteration the learner's new weights reach the env runner by set_state:
+    the weights sigma-reparam reuses at inference must follow, or the rollout would act with the
+    old policy and PPO's ratio would be off from the first minibatch."""
+    algo = with_small_encoder(ppo_config(), "transformer").build_algo()
+    try:
+        before = algo.env_runner.module.traj_encoder.blocks[0].attn.qkv._inference_weight().clone()
+        algo.train()
+        after = algo.env_runner.module.traj_encoder.blocks[0].attn.qkv._inference_weight()
+        assert not torch.equal(before, after)
+        episodes, batch, module = sample_and_recompute(algo)
+        assert logp_error(module, batch) <= 1e-4
+    finally:
+        algo.stop()
+
+
 @pytest.mark.parametrize("encoder", IN_PLACE)
 def test_a_callers_state_is_left_alone(encoder):
     module = build_module(encoder=encoder)
