@@ -1,0 +1,58 @@
+"""The user-facing entry point: ``with_traj_encoder`` wires the module and its connectors into an
+AlgorithmConfig. It sits above every other file of the adapter and nothing in the adapter imports it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+from rllib_trajenc.rllib.config import (
+    EncoderChoice, TrajEncoderModelConfig, keeps_state, register_traj_encoder,
+)
+from rllib_trajenc.rllib.connectors import install_connectors
+from rllib_trajenc.rllib.module import TrajEncoderRLModule
+
+if TYPE_CHECKING:
+    from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+
+__all__ = ["TrajEncoderRLModule", "register_traj_encoder", "with_traj_encoder"]
+
+
+def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_seq_len: int,
+                      encoder_config: Optional[Mapping[str, Any]] = None,
+                      **model_config: Any) -> AlgorithmConfig:
+    """Sets ``config``'s RLModule to a TrajEncoderRLModule and installs its connector pieces
+    (compact state storage, previous action/reward; see connectors.py); bad settings raise
+    ValueError here.
+
+    ``model_config`` takes the other keys of TrajEncoderModelConfig (tstep_dim, head_hiddens, ...).
+    Set ``config.learners(num_learners=...)`` and ``minibatch_size`` (>= max_seq_len) first:
+    with several learners RLlib splits episode chunks at arbitrary steps, so the state is then
+    stored at every step as RLlib does itself.
+    """
+    # Imported here: AlgorithmConfig loads most of RLlib, which env runners and learners that
+    # import this package for the module alone do not need.
+    from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+
+    if not isinstance(config, AlgorithmConfig):
+        raise ValueError(f"config={config!r} must be an AlgorithmConfig instance such as PPOConfig()")
+    if not isinstance(encoder_config, (Mapping, type(None))):
+        raise ValueError(f"encoder_config={encoder_config!r} must be a dict of the encoder's kwargs or None")
+    model_config = {"traj_encoder": encoder, "traj_encoder_config": dict(encoder_config or {}),
+                    "max_seq_len": max_seq_len, **model_config}
+    model = TrajEncoderModelConfig.from_model_config(model_config)
+    # Building the encoder once also catches bad values of its kwargs (sizes, norms, ...).
+    stateful = keeps_state(model.build_traj_encoder())
+    minibatch_size = getattr(config, "minibatch_size", None)
+    if stateful and minibatch_size is not None and minibatch_size < model.max_seq_len:
+        # RLlib cuts a stateful module's minibatches from whole max_seq_len rows, about
+        # minibatch_size / max_seq_len of them: fewer than one row leaves minibatches empty.
+        raise ValueError(
+            f"minibatch_size={minibatch_size} is smaller than max_seq_len={model.max_seq_len}; "
+            f"RLlib trains a stateful module on whole max_seq_len rows, so set "
+            f"config.training(minibatch_size=...) to a multiple of {model.max_seq_len} first")
+    config = config.rl_module(
+        rl_module_spec=RLModuleSpec(module_class=TrajEncoderRLModule, model_config=model_config)
+    )
+    return install_connectors(config, model)
