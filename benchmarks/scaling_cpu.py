@@ -28,7 +28,7 @@ from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.examples.envs.classes.stateless_cartpole import StatelessCartPole
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for examples/ when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `examples.*`
 from examples.scaling import add_scaling_args, apply_scaling  # noqa: E402
 from examples.tasks import SMALL_ENCODERS, TASKS  # noqa: E402
 from rllib_trajenc.rllib import with_traj_encoder  # noqa: E402

@@ -16,15 +16,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `examples.*`
 
 import ray  # noqa: E402
 from ray.rllib.algorithms.ppo import PPOConfig  # noqa: E402
 from ray.rllib.connectors.env_to_module import FlattenObservations  # noqa: E402
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig  # noqa: E402
 
+from examples.tasks import PPO_DEFAULTS, SMALL_ENCODERS, TASKS, Task, register  # noqa: E402
 from rllib_trajenc.rllib import with_traj_encoder  # noqa: E402
-from tasks import PPO_DEFAULTS, SMALL_ENCODERS, TASKS, Task, register  # noqa: E402
 
 LSTM = "rllib_lstm"
 CONTENDERS = [LSTM, "ff", "gru", "mamba", "transformer"]

@@ -5,10 +5,12 @@ here are the ones the README's results table was recorded with.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import gymnasium as gym
+import ray
 from ray.tune.registry import register_env
 
 
@@ -97,4 +99,7 @@ TASKS: dict[str, Task] = {
 
 
 def register(task: Task) -> None:
+    """Registers the task's env under ``task.env``. Its maker ships by value, because env runners
+    on other processes or nodes may not find this module on their path."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     register_env(task.env, task.make_env)

@@ -20,19 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `examples.*`
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.rllib.algorithms.ppo import PPOConfig  # noqa: E402
 
+from examples.scaling import add_scaling_args, apply_scaling  # noqa: E402
+from examples.tasks import PPO_DEFAULTS, SMALL_ENCODERS, TASKS, Task, register  # noqa: E402
 from rllib_trajenc.rllib import encoder_names, with_traj_encoder  # noqa: E402
-import tasks  # noqa: E402
-from scaling import add_scaling_args, apply_scaling  # noqa: E402
-from tasks import PPO_DEFAULTS, SMALL_ENCODERS, TASKS, Task, register  # noqa: E402
-
-# Env runners on other processes or nodes import no `tasks` module: ship its env makers by value.
-ray.cloudpickle.register_pickle_by_value(tasks)
 
 RETURN = "env_runners/episode_return_mean"
 STEPS = "num_env_steps_sampled_lifetime"

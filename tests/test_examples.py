@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import train  # noqa: E402
-from tasks import TASKS  # noqa: E402
+from examples import train
+from examples.tasks import TASKS
 
 # Each task with one encoder, so that every encoder runs through the example script too.
 RUNS = [(task, ["gru", "transformer", "mamba", "ff"][i % 4]) for i, task in enumerate(sorted(TASKS))]
