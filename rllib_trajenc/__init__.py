@@ -21,6 +21,6 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _RLLIB_NAMES:
-        import rllib_trajenc.rllib as adapter
-        return getattr(adapter, name)
+        from rllib_trajenc.rllib import entry_point
+        return getattr(entry_point, name)
     raise AttributeError(f"module 'rllib_trajenc' has no attribute {name!r}")
