@@ -1,4 +1,5 @@
-"""IMPALA and APPO train every encoder, and the encoder's diagnostics reach ``algo.train()``."""
+"""IMPALA and APPO train every encoder, the encoder's diagnostics reach ``algo.train()``, and the
+learner's gradients reach earlier steps through the encoder's state."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -11,11 +12,12 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.appo import APPOConfig
 from ray.rllib.algorithms.impala import IMPALAConfig
 from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
 from ray.rllib.examples.envs.classes.stateless_cartpole import StatelessCartPole
 from ray.rllib.utils.metrics import LEARNER_RESULTS
 
-from test_rllib_module import (  # noqa: F401 (ray_session is a fixture)
-    ENCODERS, build_module, logp_error, ppo_config, ray_session, sample_and_recompute, with_small_encoder,
+from conftest import (
+    ENCODERS, build_module, logp_error, ppo_config, sample_and_recompute, with_small_encoder,
 )
 
 # Each algorithm with the loss terms its Learner reports.
@@ -95,3 +97,20 @@ def test_diagnostics_reach_ppo_results(ray_session):
         algo.stop()
     for name in ("transformer/residual_norm", "transformer/sigma_reparam_scale"):
         assert np.isfinite(stats[name]) and stats[name] > 0, name
+
+
+@pytest.mark.parametrize("encoder", [name for name in ENCODERS if name != "ff"])
+def test_learner_gradients_reach_earlier_steps_through_the_state(ray_session, encoder):
+    """On PPO's train batch, the action at the last step of a learner row gets a gradient from
+    the row's first observation: the loss trains the memory, not only the current step."""
+    algo = with_small_encoder(ppo_config(), encoder).build_algo()
+    try:
+        _, batch, module = sample_and_recompute(algo)
+    finally:
+        algo.stop()
+    full_rows = batch[Columns.LOSS_MASK].bool().all(dim=1)
+    assert full_rows.any(), "no learner row without padding"
+    obs = batch[Columns.OBS].detach().requires_grad_(True)
+    logits = module.forward_train({**batch, Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+    (grad,) = torch.autograd.grad(logits[full_rows, -1].sum(), obs)
+    assert (grad[full_rows, 0].abs().amax(dim=-1) > 0).all()

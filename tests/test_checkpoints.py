@@ -14,9 +14,7 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 from rllib_trajenc.rllib import TrajEncoderRLModule
 from rllib_trajenc.rllib.compact_state import STORE_KEY
 from rllib_trajenc.rllib.connectors import _UserPiecesThen
-from test_rllib_module import (  # noqa: F401 (ray_session is a fixture)
-    logp_error, ppo_config, ray_session, sample_and_recompute, with_small_encoder,
-)
+from conftest import logp_error, ppo_config, sample_and_recompute, with_small_encoder
 
 Outputs = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 

@@ -26,7 +26,7 @@ from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchDDPRLModule
 from ray.rllib.env.env_runner import EnvRunner
 from ray.rllib.examples.envs.classes.stateless_cartpole import StatelessCartPole
-from test_rllib_module import ENCODER_CONFIGS, MAX_SEQ_LEN, SMALL_NETS, logp_error
+from conftest import ENCODER_CONFIGS, MAX_SEQ_LEN, SMALL_NETS, logp_error
 
 from examples.scaling import (
     DRIVER_RESOURCE, ENV_RUNNER_RESOURCE, LABEL_SHARE, LEARNER_RESOURCE, add_scaling_args, apply_scaling,

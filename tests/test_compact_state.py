@@ -13,9 +13,7 @@ from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 from rllib_trajenc.rllib import TrajEncoderRLModule
 from rllib_trajenc.rllib.compact_state import STORE_KEY, StateStore, chunk_store, stored_state_bytes
-from test_rllib_module import (  # noqa: F401 (ray_session is a fixture)
-    MAX_SEQ_LEN, logp_error, ppo_config, ray_session, sample_and_recompute, with_small_encoder,
-)
+from conftest import MAX_SEQ_LEN, logp_error, ppo_config, sample_and_recompute, with_small_encoder
 
 STATEFUL = ["gru", "mamba", "transformer"]
 

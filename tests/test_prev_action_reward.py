@@ -14,9 +14,8 @@ from rllib_trajenc.rllib.connectors import _env_to_module_pieces
 from rllib_trajenc.rllib.prev_action_reward import (
     OBS, PREV_ACTION, PREV_REWARD, AddPrevActionReward, augmented_space,
 )
-from test_rllib_module import (
-    ENCODER_CONFIGS, MAX_SEQ_LEN, SMALL_NETS, build_module, logp_error, ppo_config, ray_session,  # noqa: F401
-    sample_and_recompute,
+from conftest import (
+    ENCODER_CONFIGS, MAX_SEQ_LEN, SMALL_NETS, build_module, logp_error, ppo_config, sample_and_recompute,
 )
 
 TIME_SCALE = 50.0

@@ -8,9 +8,7 @@ from ray.rllib.core.columns import Columns
 
 from rllib_trajenc.rllib.module import ROLLOUT_ROW
 from rllib_trajenc.rllib.rollout_state import RolloutState
-from test_rllib_module import (  # noqa: F401 (ray_session is a fixture)
-    build_module, logp_error, ppo_config, ray_session, sample_and_recompute, with_small_encoder,
-)
+from conftest import build_module, logp_error, ppo_config, sample_and_recompute, with_small_encoder
 
 IN_PLACE = ["mamba", "transformer"]
 
