@@ -103,11 +103,18 @@ def causal_conv1d_fn_stand_in(x, weight, bias=None, seq_idx=None, initial_states
 
 
 @pytest.mark.parametrize("length", [1, 300])
-def test_fused_adapter_adds_the_initial_state(length):
+def test_fused_adapter_adds_the_initial_state_in_values_and_gradients(length):
+    """The adapter's initial-state term gives the outputs, and their gradients (the initial
+    state's included), of a scan that starts from that state."""
     args, kwargs = scan_inputs(length, full=True, delta_mean=3.0)
     y, last = ss.fused_selective_scan(zero_state_scan, *args, **kwargs, return_last_state=True)
     y_ref, last_ref = ss.selective_scan(*args, **kwargs, return_last_state=True)
     assert max_err(y, y_ref) <= TOL and max_err(last, last_ref) <= TOL
+    leaves = [t for t in [*args, *kwargs.values()] if torch.is_tensor(t)]
+    gy = torch.randn_like(y)  # through y only: the kernel's last state has no gradient by contract
+    for g, g_ref in zip(torch.autograd.grad((y * gy).sum(), leaves),
+                        torch.autograd.grad((y_ref * gy).sum(), leaves)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=TOL)
 
 
 def test_scan_runs_in_fp32_under_autocast():
@@ -175,32 +182,62 @@ def test_chunks_carrying_state_equal_whole_in_values_and_gradients(config):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=TOL)
 
 
+def use_stand_in_kernels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Dispatches to CPU stand-ins of the fused kernels as if on CUDA; the list names each call."""
+    calls: list[str] = []
+
+    def scan(*args, **kwargs):
+        calls.append("scan")
+        return zero_state_scan(*args, **kwargs)
+
+    def conv(*args, **kwargs):
+        calls.append("conv")
+        return causal_conv1d_fn_stand_in(*args, **kwargs)
+
+    monkeypatch.setattr(ss, "SCAN_KERNEL", scan)
+    monkeypatch.setattr(ss, "CONV_KERNEL", conv)
+    monkeypatch.setattr(ss, "FUSED_DEVICES", ("cpu",))
+    return calls
+
+
 def test_fused_path_with_stand_in_kernels_equals_pytorch_path(monkeypatch):
-    """The dispatch to the fused kernels (layouts, initial-state correction, falling back where
-    the kernel's state would need gradients) checked on CPU with stand-ins."""
+    """The dispatch to the fused kernels (layouts, initial-state correction) checked on CPU with
+    stand-ins: the outputs and states of inference in chunks, and the gradients of a pass from
+    episode starts, the training pass that runs through the kernels."""
     encoder, seq = make_encoder(CONFIGS[0]), torch.randn(2, 13, TSTEP_DIM)
     weights = torch.randn(2, 13, encoder.emb_dim)  # a plain sum of LayerNorm outputs has ~0 gradient
 
-    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        state = encoder.init_hidden_state(2, seq.device)
+    def inference() -> list[torch.Tensor]:
+        state, outs = encoder.init_hidden_state(2, seq.device), []
         with torch.no_grad():
-            outs = [encoder(seq)[0]]
             for lo, hi in [(0, 5), (5, 6), (6, 13)]:
                 out, state = encoder(seq[:, lo:hi], hidden_state=state)
                 outs += [out, *state.values()]
-        first, state = encoder(seq[:, :5], hidden_state=encoder.init_hidden_state(2, seq.device))
-        second, _ = encoder(seq[:, 5:], hidden_state=state)
-        loss = (torch.cat([first, second], 1) * weights).sum()
-        return outs, torch.autograd.grad(loss, list(encoder.parameters()))
+        return outs
 
-    outs, grads = run()
-    monkeypatch.setattr(ss, "SCAN_KERNEL", zero_state_scan)
-    monkeypatch.setattr(ss, "CONV_KERNEL", causal_conv1d_fn_stand_in)
-    monkeypatch.setattr(ss, "FUSED_DEVICES", ("cpu",))
-    fused_outs, fused_grads = run()
-    assert all(max_err(a, b) <= TOL for a, b in zip(fused_outs, outs))
-    for g, g_ref in zip(fused_grads, grads):
+    def gradients() -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad((encoder(seq)[0] * weights).sum(), list(encoder.parameters()))
+
+    outs, grads = inference(), gradients()
+    calls = use_stand_in_kernels(monkeypatch)
+    assert all(max_err(a, b) <= TOL for a, b in zip(inference(), outs))
+    assert "scan" in calls
+    calls.clear()
+    for g, g_ref in zip(gradients(), grads):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=TOL)
+    assert {"scan", "conv"} <= set(calls)
+
+
+def test_state_that_needs_gradients_stays_off_the_scan_kernel(monkeypatch):
+    """mamba-ssm's kernel gives its last state no gradient, so a chunk that carries state while
+    gradients are on takes the PyTorch path (whose gradients the chunked test above checks)."""
+    encoder, seq = make_encoder(CONFIGS[0]), torch.randn(2, 6, TSTEP_DIM)
+    calls = use_stand_in_kernels(monkeypatch)
+    _, state = encoder(seq, hidden_state=encoder.init_hidden_state(2, seq.device))
+    assert "scan" not in calls and state["ssm"].requires_grad
+    with torch.no_grad():
+        encoder(seq, hidden_state=state)
+    assert "scan" in calls
 
 
 @torch.no_grad()
