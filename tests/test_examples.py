@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Iterator
 
 import pytest
 import ray
@@ -14,7 +15,8 @@ RUNS = [(task, ["gru", "transformer", "mamba", "ff"][i % 4]) for i, task in enum
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_session():
+def shutdown_ray_afterwards() -> Iterator[None]:
+    """train.main starts Ray and leaves it running, as a script may."""
     yield
     ray.shutdown()
 

@@ -5,9 +5,11 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 from ray.rllib.examples.envs.classes.stateless_cartpole import StatelessCartPole
+from ray.rllib.utils.metrics import LEARNER_RESULTS
 
 from rllib_trajenc.rllib import with_traj_encoder
 from rllib_trajenc.rllib.connectors import _env_to_module_pieces
@@ -55,7 +57,8 @@ def test_learner_recomputes_rollout_logp_with_rl2_inputs(rl2_ppo):
     state = batch[Columns.STATE_IN]
     shifted = {**batch, Columns.STATE_IN: {**state, "t": state["t"] + 1000}}
     assert logp_error(module, shifted) > 1e-3
-    rl2_ppo.train()  # and PPO trains on them
+    stats = rl2_ppo.train()[LEARNER_RESULTS][DEFAULT_MODULE_ID]  # and PPO trains on them
+    assert np.isfinite(stats["total_loss"]) and np.isfinite(stats["vf_loss"])
 
 
 @pytest.mark.parametrize("action_space, prev_space, none", [
