@@ -2,31 +2,43 @@
 
 By default RLlib writes every STATE_OUT into the episode, so a state of S bytes costs S
 bytes per env step: ~120 KB for a default Mamba, ~1.5 MB for a Transformer KV cache. The
-learner, however, only needs the state at the start of each ``max_seq_len`` (W) piece of
+learner, however, only needs the state at the start of each ``max_seq_len`` (W) row of
 an episode chunk. So on env runners the running states stay in the module (a
 ``RolloutState``, one row per env, updated in place by every step; STATE_IN only names the
-row), and each episode chunk keeps a ``StateStore`` in ``episode.custom_data[STORE_KEY]``:
+row), and each episode chunk keeps a ``StateStore``:
 
 * ``snapshots``: ``{offset: state before step offset}`` for offsets 0, W, 2W, ... of the
-  chunk, and for its length when that is a multiple of W (where a bootstrap row, like
-  PPO's, starts) -- exactly the STATE_IN rows the learner builds; copies, taken before the
-  step at that offset runs;
+  chunk; copies, taken before the step at that offset runs;
+* ``observations``: the chunk's own observation buffer (no copy), through which
+  a learner replays the steps from a snapshot to a row that starts elsewhere (state_replay.py):
+  a bootstrap row (PPO's) at the chunk's end, or any row of a piece that RLlib cut from the
+  chunk at an offset that is no multiple of W;
 * ``running``: a view of the episode's row, the state the next env step starts from. It
-  lives only on the env runner: it is left out when the episode is pickled for the learners.
-  RLlib cuts an ongoing episode by deep-copying ``custom_data`` into the successor chunk
-  after preparing, but before running, the successor's first step: the copy records the
-  running state then, as the successor's start state.
+  lives only on the env runner. RLlib cuts an ongoing episode by deep-copying
+  ``custom_data`` into the successor chunk after preparing, but before running, the
+  successor's first step: the copy records the running state then, as the successor's
+  start state.
 
-``None`` stands for the fresh-episode state, which is never stored. Shipped bytes per env
-step are thus ``state_bytes / W`` plus one state per chunk that continues an episode.
+Where it lives: ``episode.custom_data[STORE_KEY]``, and a reference at every step of the
+chunk in ``extra_model_outputs[STORE_COLUMN]``. The latter is what survives RLlib's sharding
+across several learners: ``LearnerGroup.update`` cuts chunks at arbitrary steps with
+``SingleAgentEpisode.slice``, which keeps per-step data but drops ``custom_data``.
+
+Pickled (shipped to the driver and the learners), a store holds the snapshots before its
+chunk's own steps and its observations, never the running state. The observations are the very
+array its episode pickles too, so pickle's memo ships them once; only a store pickled without
+its episode (with a piece of a cut chunk) ships them again. ``None`` stands for the
+fresh-episode state, which is never stored. Shipped state bytes per env step are thus
+``state_bytes / W`` plus one state per chunk that continues an episode.
 """
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 from typing import Any, Optional
 
 import numpy as np
-import tree
 from ray.rllib.connectors.common import (
     AddObservationsFromEpisodesToBatch, AddTimeDimToBatchAndZeroPad,
 )
@@ -37,20 +49,24 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
 from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+from ray.rllib.env.utils.infinite_lookback_buffer import InfiniteLookbackBuffer
 from ray.rllib.utils.numpy import convert_to_numpy
 
 from rllib_trajenc.rllib.module import ROLLOUT_ROW
 from rllib_trajenc.rllib.rollout_state import copy_to_numpy
+from rllib_trajenc.rllib.state_replay import replay
 
 STORE_KEY = "rllib_trajenc_state"
+STORE_COLUMN = "rllib_trajenc_state_store"
 State = dict[str, np.ndarray]
 
 
 def _single(rl_module: RLModule, episode: SingleAgentEpisode) -> RLModule:
-    """The module that acts in ``episode`` (learners hold a MultiRLModule even for one policy)."""
-    if not isinstance(rl_module, MultiRLModule):
-        return rl_module
-    return rl_module[episode.module_id or DEFAULT_MODULE_ID]
+    """The module that acts in ``episode``, unwrapped (learners hold a MultiRLModule even for one
+    policy, and with several learners its modules are DDP wrappers)."""
+    if isinstance(rl_module, MultiRLModule):
+        rl_module = rl_module[episode.module_id or DEFAULT_MODULE_ID]
+    return rl_module.unwrapped()
 
 
 def _or_initial(state: Optional[State], module: RLModule) -> State:
@@ -58,65 +74,134 @@ def _or_initial(state: Optional[State], module: RLModule) -> State:
 
 
 class StateStore:
-    """The encoder state one episode chunk keeps (see the module docstring)."""
+    """The encoder state one episode chunk keeps (see the module docstring).
 
-    def __init__(self, t_started: int, running: Optional[dict] = None):
+    On the env runner it knows its ``episode`` (the chunk, whose observations it reads); once
+    shipped it holds the observations themselves.
+    """
+
+    def __init__(self, t_started: int, episode: Optional[SingleAgentEpisode] = None,
+                 running: Optional[dict] = None, observations: Optional[InfiniteLookbackBuffer] = None):
         self.t_started = t_started
+        self.episode = episode
         self.running = running
+        self._observations = observations
         self.snapshots: dict[int, Optional[State]] = {}
         self.state_at_copy: Optional[State] = None  # set by deep copies: a cut's start state
 
+    @property
+    def observations(self) -> Optional[InfiniteLookbackBuffer]:
+        return self._observations if self.episode is None else self.episode.observations
+
     def snapshot(self, offset: int, max_seq_len: int) -> None:
-        """Records the running state as the state before step ``offset``, if a learner row starts there."""
+        """Records the running state as the state before step ``offset``, if a learner row of the
+        chunk may start there (at a multiple of max_seq_len)."""
         if offset % max_seq_len == 0 and offset not in self.snapshots:
             self.snapshots[offset] = None if self.running is None else copy_to_numpy(self.running)
 
     def __deepcopy__(self, memo: dict) -> StateStore:
-        # The running state is shared (it is the episode's row, still running); snapshots are
-        # never changed in place, so the copy may share them too.
-        copied = StateStore(self.t_started, self.running)
-        copied.snapshots = dict(self.snapshots)
+        # The running state is shared: it is the episode's row, still running. A store copied
+        # with its episode follows the episode's copy (in ``memo`` by then); copied alone, as
+        # RLlib's cut copies custom_data, it keeps the original episode rather than copy a whole
+        # chunk. Shipped observations are copied with ``memo``, so they stay the copied
+        # episode's own array.
+        copied = StateStore(self.t_started, memo.get(id(self.episode), self.episode), self.running,
+                            copy.deepcopy(self._observations, memo))
+        copied.snapshots = copy.deepcopy(self.snapshots, memo)
         copied.state_at_copy = None if self.running is None else copy_to_numpy(self.running)
         return copied
 
     def __getstate__(self) -> dict[str, Any]:
-        # Pickled = shipped to a learner, which needs the snapshots only.
-        return {"t_started": self.t_started, "snapshots": self.snapshots}
+        # Pickled = shipped towards a learner: the states before the chunk's own steps and the
+        # observations, no running state. The state after the last step is left out: the
+        # successor chunk ships it as its start, and a bootstrap row that starts there replays.
+        buffer = self.observations
+        steps = len(buffer) - 1
+        return {"t_started": self.t_started, "observations": (buffer.data, buffer.lookback),
+                "snapshots": {offset: state for offset, state in self.snapshots.items() if offset < steps}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["t_started"])
+        data, lookback = state["observations"]
+        self.__init__(state["t_started"], observations=InfiniteLookbackBuffer(data=data, lookback=lookback))
         self.snapshots = state["snapshots"]
 
-    def state_before(self, offset: int) -> Optional[State]:
-        """The state before step ``offset`` of the chunk, as the learner needs it."""
-        if offset not in self.snapshots:
-            raise ValueError(
-                f"no stored encoder state before step {offset} of an episode chunk; stored "
-                f"offsets: {sorted(self.snapshots)}")
-        return self.snapshots[offset]
+    def states_before(self, offsets: list[int], module: RLModule, max_seq_len: int) -> list[State]:
+        """The states before steps ``offsets`` of the chunk (its learner rows' starts): the stored
+        one where there is one, else the latest stored one before it, replayed through the at most
+        ``max_seq_len`` steps in between (rows grouped by that distance, one pass per group)."""
+        bases = [self._latest_snapshot(offset, max_seq_len) for offset in offsets]
+        states = [_or_initial(self.snapshots[base], module) for base in bases]
+        by_lag: dict[int, list[int]] = {}
+        for row, (offset, base) in enumerate(zip(offsets, bases)):
+            if offset > base:
+                by_lag.setdefault(offset - base, []).append(row)
+        for lag, rows in by_lag.items():
+            replayed = replay(module, [states[row] for row in rows],
+                              [self.observations.get(slice(offsets[row] - lag, offsets[row])) for row in rows])
+            for row, state in zip(rows, replayed):
+                states[row] = state
+        return states
 
-    def nbytes(self) -> int:
-        """Bytes this store ships to the learners."""
-        return sum(leaf.nbytes for s in self.snapshots.values() if s is not None
-                   for leaf in tree.flatten(s))
+    def _latest_snapshot(self, offset: int, max_seq_len: int) -> int:
+        base = max((stored for stored in self.snapshots if stored <= offset), default=None)
+        if base is None or offset - base > max_seq_len:
+            raise ValueError(
+                f"no stored encoder state within max_seq_len={max_seq_len} steps before step "
+                f"{offset} of an episode chunk; stored offsets: {sorted(self.snapshots)}")
+        return base
 
 
 def chunk_store(episode: SingleAgentEpisode) -> StateStore:
-    """This episode chunk's store, started anew when the chunk is new (fresh or just cut)."""
+    """This episode chunk's store, started anew when the chunk is new (fresh or just cut), and
+    referenced from each of its steps."""
     store = episode.custom_data.get(STORE_KEY)
-    if store is None or store.t_started != episode.t_started:
-        successor = StateStore(episode.t_started, None if store is None else store.running)
+    # One copied into a successor by a cut (which may start at the same step, when the cut
+    # chunk had none) still knows the predecessor.
+    if store is None or store.episode is not episode:
+        successor = StateStore(episode.t_started, episode, None if store is None else store.running)
         if store is not None:  # a cut: the predecessor's copy holds this chunk's start state
-            successor.snapshots[0] = store.state_at_copy
+            successor.snapshots[0] = store.state_at_copy if episode.t_started > 0 else None
         episode.custom_data[STORE_KEY] = successor
+        # A cut copies the predecessor's last references into the lookback: point them here,
+        # or shipping this chunk would ship the predecessor's store too.
+        column = episode.extra_model_outputs.get(STORE_COLUMN)
+        lookback = 0 if column is None else column.lookback
+        episode.extra_model_outputs[STORE_COLUMN] = InfiniteLookbackBuffer(
+            data=[successor] * lookback, lookback=lookback)
         store = successor
+    column = episode.extra_model_outputs[STORE_COLUMN]
+    column.extend([store] * (len(episode) - len(column)))  # the step just taken
     return store
+
+
+def shipped_store(episode: SingleAgentEpisode) -> StateStore:
+    """The store of the chunk that ``episode`` (a chunk, or a piece RLlib cut from one) starts in."""
+    column = episode.extra_model_outputs.get(STORE_COLUMN)
+    store = episode.custom_data.get(STORE_KEY) if column is None else column.get(0)
+    if store is None:
+        raise ValueError(
+            "episode chunk carries no rllib_trajenc encoder state: it was not sampled with a "
+            "config prepared by rllib_trajenc.with_traj_encoder()")
+    return store
+
+
+class TakeStoreFromSteps(ConnectorV2):
+    """Learner, first: moves each episode's store from its per-step references into its
+    custom_data, so that RLlib's pieces, which turn every extra_model_outputs column into a
+    train-batch column, never see those references."""
+
+    def __call__(self, *, rl_module: RLModule, batch: dict, episodes: list, **kwargs) -> Any:
+        for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
+            if STORE_COLUMN in episode.extra_model_outputs:
+                episode.custom_data[STORE_KEY] = shipped_store(episode)
+                del episode.extra_model_outputs[STORE_COLUMN]
+        return batch
 
 
 class AddStatesFromEpisodeStore(ConnectorV2):
     """Env-to-module: STATE_IN names each episode's row of the module's RolloutState.
-    Learner: STATE_IN from the stores' snapshots. RLlib's own state and time-dim pieces then
-    find STATE_IN in the batch and step aside."""
+    Learner: STATE_IN from the stores. RLlib's own state and time-dim pieces then find
+    STATE_IN in the batch and step aside."""
 
     def __init__(self, input_observation_space=None, input_action_space=None, *,
                  as_learner_connector: bool = False, **kwargs):
@@ -133,23 +218,16 @@ class AddStatesFromEpisodeStore(ConnectorV2):
             module = _single(rl_module, episode)
             max_seq_len = module.model_config["max_seq_len"]
             if self._as_learner_connector:
-                store = episode.custom_data.get(STORE_KEY)
-                if store is None:
-                    raise ValueError(
-                        "episode chunk carries no rllib_trajenc encoder state. Either it was "
-                        "not sampled with a config prepared by rllib_trajenc.with_traj_encoder(), "
-                        "or RLlib split it to shard it across num_learners > 1 (splits drop "
-                        "custom_data): set config.learners(num_learners=...) before calling "
-                        "with_traj_encoder(), which then keeps RLlib's per-step state storage.")
-                n_chunks = math.ceil(len(episode) / max_seq_len)
-                items = [_or_initial(store.state_before(k * max_seq_len), module)
-                         for k in range(n_chunks)]
+                store = shipped_store(episode)
+                first = episode.t_started - store.t_started
+                n_rows = math.ceil(len(episode) / max_seq_len)
+                items = store.states_before(
+                    [first + k * max_seq_len for k in range(n_rows)], module, max_seq_len)
                 self.add_n_batch_items(batch, Columns.STATE_IN, items_to_add=items,
-                                       num_items=n_chunks, single_agent_episode=episode)
+                                       num_items=n_rows, single_agent_episode=episode)
                 continue
             store = chunk_store(episode)
-            # Before the step runs (and before RLlib may cut or finish the chunk: a bootstrap
-            # row would start here).
+            # Before the step runs.
             store.snapshot(len(episode), max_seq_len)
             rows, row = module.rollout_state(len(episodes)), len(rows_used)
             rows.claim(row, episode.id_, store.running)
@@ -167,17 +245,25 @@ def env_to_module_pieces() -> list[ConnectorV2]:
 
 
 def learner_pieces() -> list[ConnectorV2]:
-    return [AddObservationsFromEpisodesToBatch(as_learner_connector=True),
+    return [TakeStoreFromSteps(),
+            AddObservationsFromEpisodesToBatch(as_learner_connector=True),
             AddColumnsFromEpisodesToTrainBatch(),
             AddTimeDimToBatchAndZeroPad(as_learner_connector=True),
             AddStatesFromEpisodeStore(as_learner_connector=True)]
 
 
-def stored_state_bytes(episode: SingleAgentEpisode) -> int:
-    """Bytes of encoder state this episode chunk holds (its store plus any STATE_OUT column)."""
-    store: Optional[StateStore] = episode.custom_data.get(STORE_KEY)
-    total = 0 if store is None else store.nbytes()
-    if Columns.STATE_OUT in episode.extra_model_outputs:
-        per_step = episode.get_extra_model_outputs(Columns.STATE_OUT)
-        total += sum(np.asarray(leaf).nbytes for leaf in tree.flatten(per_step))
-    return total
+def shipped_state_bytes(episodes: list[SingleAgentEpisode]) -> int:
+    """Bytes that encoder state adds to ``episodes`` pickled together, as Ray ships them: our
+    stores (through custom_data or the per-step references, observations they re-ship included)
+    or RLlib's per-step STATE_OUT column."""
+    return len(pickle.dumps(episodes, protocol=5)) - len(pickle.dumps([_bare(e) for e in episodes], protocol=5))
+
+
+def _bare(episode: SingleAgentEpisode) -> SingleAgentEpisode:
+    """A shallow copy of ``episode`` without any encoder state."""
+    bare = copy.copy(episode)
+    bare.extra_model_outputs = copy.copy(episode.extra_model_outputs)
+    for column in (STORE_COLUMN, Columns.STATE_OUT):
+        bare.extra_model_outputs.pop(column, None)
+    bare._custom_data = {key: value for key, value in episode.custom_data.items() if key != STORE_KEY}
+    return bare

@@ -1,10 +1,8 @@
 """The connector pieces ``with_traj_encoder`` adds to a config, composed with the user's own.
 
 * ``AddPrevActionReward`` (env-to-module) when model_config asks for previous action/reward;
-* the compact-state pieces (compact_state.py) on env runners and learners, unless there are
-  several learners: RLlib shards sampled episodes across them by splitting chunks at
-  arbitrary steps into new episodes without custom_data, so the state at a split would be
-  lost. Those configs keep RLlib's per-step STATE_OUT storage.
+* the compact-state pieces (compact_state.py) on env runners and learners, for any number of
+  learners (the store survives RLlib's sharding of episode chunks across them).
 """
 from __future__ import annotations
 
@@ -40,20 +38,16 @@ class _UserPiecesThen:
         return ([user] if isinstance(user, ConnectorV2) else list(user)) + self.ours()
 
 
-def _env_to_module_pieces(prev_action: bool, prev_reward: bool, compact: bool) -> list[ConnectorV2]:
+def _env_to_module_pieces(prev_action: bool, prev_reward: bool) -> list[ConnectorV2]:
     pieces: list[ConnectorV2] = []
     if prev_action or prev_reward:
         pieces.append(AddPrevActionReward(prev_action=prev_action, prev_reward=prev_reward))
-    return pieces + (compact_state.env_to_module_pieces() if compact else [])
+    return pieces + compact_state.env_to_module_pieces()
 
 
 def install_connectors(config: AlgorithmConfig, model: TrajEncoderModelConfig) -> AlgorithmConfig:
-    compact = config.num_learners <= 1
-    if compact or model.prev_action or model.prev_reward:
-        config = config.env_runners(env_to_module_connector=_UserPiecesThen(
-            config._env_to_module_connector,
-            functools.partial(_env_to_module_pieces, model.prev_action, model.prev_reward, compact)))
-    if compact:
-        config = config.learners(learner_connector=_UserPiecesThen(
-            config._learner_connector, compact_state.learner_pieces))
-    return config
+    config = config.env_runners(env_to_module_connector=_UserPiecesThen(
+        config._env_to_module_connector,
+        functools.partial(_env_to_module_pieces, model.prev_action, model.prev_reward)))
+    return config.learners(learner_connector=_UserPiecesThen(
+        config._learner_connector, compact_state.learner_pieces))
