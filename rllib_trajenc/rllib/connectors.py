@@ -10,6 +10,7 @@ import functools
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
 from rllib_trajenc.rllib import compact_state
 from rllib_trajenc.rllib.prev_action_reward import AddPrevActionReward
@@ -35,14 +36,23 @@ class _UserPiecesThen:
 
     def __call__(self, *args: Any) -> list[ConnectorV2]:
         user = self.user_builder(*args) if self.user_builder is not None else []
-        return ([user] if isinstance(user, ConnectorV2) else list(user)) + self.ours()
+        return ([user] if isinstance(user, ConnectorV2) else list(user)) + self.ours(*args)
 
 
-def _env_to_module_pieces(prev_action: bool, prev_reward: bool) -> list[ConnectorV2]:
+def _env_to_module_pieces(prev_action: bool, prev_reward: bool, env: Any, *_: Any) -> list[ConnectorV2]:
+    # Checked again when env runners build their pipelines: .multi_agent() may come after
+    # with_traj_encoder, which checks too.
+    if isinstance(getattr(env, "unwrapped", env), MultiAgentEnv):
+        raise ValueError("with_traj_encoder supports single-agent configs only, but the env runner "
+                         f"steps the multi-agent env {env}")
     pieces: list[ConnectorV2] = []
     if prev_action or prev_reward:
         pieces.append(AddPrevActionReward(prev_action=prev_action, prev_reward=prev_reward))
     return pieces + compact_state.env_to_module_pieces()
+
+
+def _learner_pieces(*_: Any) -> list[ConnectorV2]:
+    return compact_state.learner_pieces()
 
 
 def install_connectors(config: AlgorithmConfig, model: TrajEncoderModelConfig) -> AlgorithmConfig:
@@ -50,4 +60,4 @@ def install_connectors(config: AlgorithmConfig, model: TrajEncoderModelConfig) -
         config._env_to_module_connector,
         functools.partial(_env_to_module_pieces, model.prev_action, model.prev_reward)))
     return config.learners(learner_connector=_UserPiecesThen(
-        config._learner_connector, compact_state.learner_pieces))
+        config._learner_connector, _learner_pieces))

@@ -3,6 +3,8 @@ AlgorithmConfig. It sits above every other file of the adapter and nothing in th
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
@@ -18,18 +20,19 @@ if TYPE_CHECKING:
 
 __all__ = ["TrajEncoderRLModule", "register_traj_encoder", "with_traj_encoder"]
 
+_WARNED: set[str] = set()  # dropout warnings already given: once per process is enough
+
 
 def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_seq_len: int,
                       encoder_config: Optional[Mapping[str, Any]] = None,
                       **model_config: Any) -> AlgorithmConfig:
     """Sets ``config``'s RLModule to a TrajEncoderRLModule and installs its connector pieces
-    (compact state storage, previous action/reward; see connectors.py); bad settings raise
-    ValueError here.
+    (compact state storage for any number of learners, previous action/reward; see
+    connectors.py); bad settings raise ValueError here.
 
     ``model_config`` takes the other keys of TrajEncoderModelConfig (tstep_dim, head_hiddens, ...).
-    Set ``config.learners(num_learners=...)`` and ``minibatch_size`` (>= max_seq_len) first:
-    with several learners RLlib splits episode chunks at arbitrary steps, so the state is then
-    stored at every step as RLlib does itself.
+    Set ``minibatch_size`` (>= max_seq_len) first. The encoder's dropouts default to 0 here (see
+    ``_dropouts_off``). Single-agent configs only.
     """
     # Imported here: AlgorithmConfig loads most of RLlib, which env runners and learners that
     # import this package for the module alone do not need.
@@ -37,6 +40,9 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
 
     if not isinstance(config, AlgorithmConfig):
         raise ValueError(f"config={config!r} must be an AlgorithmConfig instance such as PPOConfig()")
+    if config.is_multi_agent:
+        raise ValueError(f"with_traj_encoder supports single-agent configs only; this config has "
+                         f"policies {sorted(config.policies)}")
     if not isinstance(encoder_config, (Mapping, type(None))):
         raise ValueError(f"encoder_config={encoder_config!r} must be a dict of the encoder's kwargs or None")
     model_config = {"traj_encoder": encoder, "traj_encoder_config": dict(encoder_config or {}),
@@ -44,6 +50,7 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
     model = TrajEncoderModelConfig.from_model_config(model_config)
     # Building the encoder once also catches bad values of its kwargs (sizes, norms, ...).
     stateful = keeps_state(model.build_traj_encoder())
+    model_config["traj_encoder_config"] = _dropouts_off(config, model)
     minibatch_size = getattr(config, "minibatch_size", None)
     if stateful and minibatch_size is not None and minibatch_size < model.max_seq_len:
         # RLlib cuts a stateful module's minibatches from whole max_seq_len rows, about
@@ -56,3 +63,27 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
         rl_module_spec=RLModuleSpec(module_class=TrajEncoderRLModule, model_config=model_config)
     )
     return install_connectors(config, model)
+
+
+def _dropouts_off(config: AlgorithmConfig, model: TrajEncoderModelConfig) -> dict[str, Any]:
+    """The encoder's kwargs with every ``dropout*`` argument the user left out set to 0.
+
+    RLlib's learner runs ``forward_train`` in train mode, env runners act in eval mode: with
+    dropout on, the learner's log-probs are not the rollout's, and an on-policy algorithm's
+    importance ratio (PPO, APPO, IMPALA) starts as noise. A dropout the user sets stays, with a
+    warning for those algorithms.
+    """
+    from ray.rllib.algorithms.impala import IMPALAConfig  # APPOConfig is one too
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    chosen = dict(model.traj_encoder_config)
+    params = inspect.signature(model.traj_encoder_cls.__init__).parameters
+    dropouts = [name for name in params if name.startswith("dropout")]
+    noisy = sorted(name for name in dropouts if chosen.get(name, 0) > 0)
+    message = (f"traj_encoder_config sets {', '.join(f'{n}={chosen[n]}' for n in noisy)} for the "
+               f"on-policy {type(config).__name__}: the learner trains with dropout on while env runners "
+               "act with it off, so its log-probs differ from the rollout's; 0 keeps them equal")
+    if noisy and isinstance(config, (PPOConfig, IMPALAConfig)) and message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+    return {**{name: 0.0 for name in dropouts}, **chosen}

@@ -1,0 +1,71 @@
+"""What with_traj_encoder does with nothing but an encoder name: the learner reproduces the
+rollout at the first minibatch under PPO, APPO and IMPALA (dropouts default to 0), a dropout the
+user sets is kept with a warning, and multi-agent configs are refused with a clear error."""
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Callable
+
+import pytest
+import torch
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.algorithms.appo import APPOConfig
+from ray.rllib.algorithms.impala import IMPALAConfig
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.examples.envs.classes.multi_agent import MultiAgentCartPole
+from ray.rllib.examples.envs.classes.stateless_cartpole import StatelessCartPole
+
+from conftest import ENCODERS, MAX_SEQ_LEN, logp_error, sample_and_recompute
+from rllib_trajenc import TformerTrajEncoder, with_traj_encoder
+
+ALGORITHMS: dict[str, Callable[[], AlgorithmConfig]] = {"ppo": PPOConfig, "appo": APPOConfig, "impala": IMPALAConfig}
+
+
+def local(config: AlgorithmConfig) -> AlgorithmConfig:
+    return (config.environment(StatelessCartPole)
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=2, rollout_fragment_length=16)
+            .learners(num_learners=0)
+            .training(train_batch_size_per_learner=64, minibatch_size=32)
+            .debugging(seed=0))
+
+
+@pytest.mark.parametrize("algorithm, encoder", [("ppo", name) for name in ENCODERS]
+                         + [("appo", "transformer"), ("impala", "transformer")])
+def test_defaults_reproduce_the_rollout_at_the_first_minibatch(ray_session, algorithm, encoder):
+    """Nothing but the encoder's name (and the window): the encoder's own default sizes."""
+    algo = with_traj_encoder(local(ALGORITHMS[algorithm]()), encoder, max_seq_len=MAX_SEQ_LEN).build_algo()
+    try:
+        _, batch, module = sample_and_recompute(algo)
+        with torch.no_grad():
+            assert logp_error(module, batch) <= 1e-4  # forward_train runs in train mode
+    finally:
+        algo.stop()
+
+
+def test_transformer_dropouts_default_to_zero_and_a_users_own_is_kept_with_one_warning():
+    seed_defaults = inspect.signature(TformerTrajEncoder).parameters
+    assert seed_defaults["dropout_ff"].default > 0 and seed_defaults["dropout_emb"].default > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning without a dropout of the user's
+        config = with_traj_encoder(PPOConfig(), "transformer", max_seq_len=8)
+    chosen = config.rl_module_spec.model_config["traj_encoder_config"]
+    assert chosen == {"dropout_ff": 0.0, "dropout_emb": 0.0, "dropout_attn": 0.0, "dropout_qkv": 0.0}
+
+    with pytest.warns(UserWarning, match=r"sets dropout_ff=0\.1 for the on-policy PPOConfig: the learner "
+                                         r"trains with dropout on while env runners act with it off"):
+        config = with_traj_encoder(PPOConfig(), "transformer", max_seq_len=8, encoder_config={"dropout_ff": 0.1})
+    assert config.rl_module_spec.model_config["traj_encoder_config"]["dropout_ff"] == 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once is enough
+        with_traj_encoder(PPOConfig(), "transformer", max_seq_len=8, encoder_config={"dropout_ff": 0.1})
+
+
+def test_multi_agent_configs_are_refused():
+    multi = PPOConfig().multi_agent(policies={"p0", "p1"}, policy_mapping_fn=lambda agent, *_, **__: f"p{agent}")
+    with pytest.raises(ValueError, match=r"single-agent configs only; this config has policies \['p0', 'p1'\]"):
+        with_traj_encoder(multi, "gru", max_seq_len=8)
+    # .multi_agent() after with_traj_encoder: refused when env runners build their pipelines.
+    config = with_traj_encoder(PPOConfig(), "gru", max_seq_len=8)
+    with pytest.raises(ValueError, match="single-agent configs only, but the env runner steps the multi-agent env"):
+        config.build_env_to_module_connector(env=MultiAgentCartPole({"num_agents": 2}), spaces=None)
