@@ -21,6 +21,7 @@ from ray.cluster_utils import Cluster
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.ppo import PPO, PPOConfig
 from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.learner import Learner
 from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchDDPRLModule
@@ -32,8 +33,10 @@ from examples.scaling import (
     DRIVER_RESOURCE, ENV_RUNNER_RESOURCE, LABEL_SHARE, LEARNER_RESOURCE, add_scaling_args, apply_scaling,
 )
 from rllib_trajenc.rllib import with_traj_encoder
+from rllib_trajenc.rllib.compact_state import shipped_state_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
+GRU_HIDDEN = 128
 TESTS = Path(__file__).resolve().parent
 
 
@@ -144,9 +147,10 @@ def build_ppo(*scaling_flags: str) -> Algorithm:
     args = add_scaling_args(argparse.ArgumentParser()).parse_args(
         ["--num-env-runners", "2", "--envs-per-runner", "2", "--env-runner-resource", ENV_RUNNER_RESOURCE,
          *scaling_flags])
-    # Scaling first: with several learners, with_traj_encoder keeps RLlib's per-step state.
+    # A GRU state of 520 bytes: large enough for the bytes shipped to tell compact from per-step.
     return with_traj_encoder(apply_scaling(config, args), "gru", max_seq_len=MAX_SEQ_LEN,
-                             encoder_config=ENCODER_CONFIGS["gru"], **SMALL_NETS).build_algo()
+                             encoder_config={**ENCODER_CONFIGS["gru"], "d_hidden": GRU_HIDDEN},
+                             **SMALL_NETS).build_algo()
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +219,8 @@ def test_actors_run_on_their_labelled_nodes_and_ddp_keeps_learners_equal(cluster
 
 def test_each_learner_recomputes_rollout_logp_on_its_shard(ddp_algo):
     """With 2+ learners, LearnerGroup.update shards the episodes by length and cuts a chunk in
-    two where a shard is full. Both pieces must still start from the right encoder state."""
+    two where a shard is full. Both pieces must still start from the right encoder state, which
+    the compact store gives them (replaying from a snapshot where a row starts mid-row)."""
     episodes = [e for per_runner in _on_runners(ddp_algo, _sample) for e in per_runner]
     # The hard case: a chunk that continues an episode, cut in the middle of a learner row.
     chunk = max((e for e in episodes if e.t_started > 0 and len(e) // 2 % MAX_SEQ_LEN), key=len)
@@ -226,6 +231,15 @@ def test_each_learner_recomputes_rollout_logp_on_its_shard(ddp_algo):
         (chunk.t_started, len(chunk) // 2), (chunk.t_started + len(chunk) // 2, len(chunk) - len(chunk) // 2)]
     for shard in shards:
         assert max(_on_learners(ddp_algo, _recompute_logp_error, episodes=shard)) <= 1e-4
+
+    # Compact storage with several learners, by the bytes shipped: the shards of the whole
+    # sample carry a snapshot every MAX_SEQ_LEN steps and one per continued chunk, not a state per step.
+    shards = [shard.episodes for shard, _ in TrainingData(episodes=episodes).shard(
+        num_shards=2, len_lookback_buffer=ddp_algo.config.episode_lookback_horizon, minibatch_size=32)]
+    assert not any(Columns.STATE_OUT in e.extra_model_outputs for shard in shards for e in shard)
+    full_state = 4 * GRU_HIDDEN + 8  # float32 h, int64 t
+    per_step = sum(shipped_state_bytes(shard) for shard in shards) / sum(len(e) for e in episodes)
+    assert per_step < full_state / 3, (per_step, full_state)
 
 
 def test_killed_env_runner_restarts_and_stateful_encoder_resumes(cluster):
