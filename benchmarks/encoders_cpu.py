@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from typing import Callable
 
 import torch
 
@@ -28,7 +29,7 @@ ENCODERS = {
 }
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn: Callable[[], object], repeats: int) -> float:
     """Median seconds of `repeats` calls after one warm-up call."""
     fn()
     times = []
@@ -40,16 +41,32 @@ def timed(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def step_latency_ms(enc: rt.TrajEncoder, episode_step: int, repeats: int) -> float:
-    """Latency of one env step for N_ENVS envs whose episodes are `episode_step` steps old."""
+def state_at(enc: rt.TrajEncoder, episode_step: int) -> dict:
+    """The state of N_ENVS episodes that are ``episode_step`` steps old, reached in whole chunks."""
     state = enc.init_hidden_state(N_ENVS, torch.device("cpu"))
-    for start in range(0, episode_step, MAX_SEQ_LEN):  # reach the state in whole chunks
+    for start in range(0, episode_step, MAX_SEQ_LEN):
         steps = min(MAX_SEQ_LEN, episode_step - start)
         t = (start + torch.arange(steps)).view(1, -1, 1).expand(N_ENVS, -1, -1)
         _, state = enc(torch.randn(N_ENVS, steps, TSTEP_DIM), t, hidden_state=state)
+    return state
+
+
+def rollout_step(enc: rt.TrajEncoder, episode_step: int) -> Callable[[], object]:
+    """One env step of N_ENVS episodes ``episode_step`` steps old, as env runners take it
+    (in place, no autograd)."""
+    state = state_at(enc, episode_step)
     obs = torch.randn(N_ENVS, 1, TSTEP_DIM)
     t_now = torch.full((N_ENVS, 1, 1), episode_step)
-    return 1e3 * timed(lambda: enc(obs, t_now, hidden_state=state, in_place=True), repeats)
+
+    @torch.no_grad()
+    def step() -> object:
+        return enc(obs, t_now, hidden_state=state, in_place=True)
+
+    return step
+
+
+def step_latency_ms(enc: rt.TrajEncoder, episode_step: int, repeats: int) -> float:
+    return 1e3 * timed(rollout_step(enc, episode_step), repeats)
 
 
 def train_steps_per_s(enc: rt.TrajEncoder, seq_len: int, repeats: int, carried: bool) -> float:

@@ -16,11 +16,9 @@ Usage: python benchmarks/sampling_cpu.py [--rounds 5] [--steps 2048]
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import platform
 import time
-from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -29,16 +27,13 @@ from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-import rllib_trajenc as rt
+from encoders_cpu import (  # same folder: sizes, timing and the rollout step
+    ENCODERS, MAX_SEQ_LEN, N_ENVS, TSTEP_DIM, rollout_step, timed,
+)
 from rllib_trajenc.rllib import with_traj_encoder
 from rllib_trajenc.rllib.compact_state import AddStatesFromEpisodeStore
 
-N_ENVS = 16
-MAX_SEQ_LEN = 256
-TSTEP_DIM = 64  # with_traj_encoder's default
 LSTM = "rllib_lstm"
-ENCODERS = {"ff": rt.FFTrajEncoder, "gru": rt.GRUTrajEncoder, "mamba": rt.MambaTrajEncoder,
-            "transformer": rt.TformerTrajEncoder}
 
 
 def config_for(contender: str) -> AlgorithmConfig:
@@ -104,38 +99,17 @@ def sampling_table(rounds: int, steps: int) -> None:
               f"| {median(rates[name]) / lstm:.2f} | {timer.ms_per_call(name)} |")
 
 
-def timed_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * median(times)
-
-
-@torch.no_grad()
-def state_at(enc: rt.TrajEncoder, episode_step: int) -> dict:
-    """The encoder's state after ``episode_step`` steps of N_ENVS episodes, reached in chunks."""
-    state = enc.init_hidden_state(N_ENVS, torch.device("cpu"))
-    for start in range(0, episode_step, MAX_SEQ_LEN):
-        n = min(MAX_SEQ_LEN, episode_step - start)
-        t = (start + torch.arange(n)).view(1, -1, 1).expand(N_ENVS, -1, -1)
-        _, state = enc(torch.randn(N_ENVS, n, TSTEP_DIM), t, hidden_state=state)
-    return state
-
-
 def matmul_macs_per_s() -> float:
     """Multiply-adds/s of a rollout-shaped matmul ([16, 256] x [256, 1024]) on this machine."""
     x, w = torch.randn(N_ENVS, 256), torch.randn(256, 1024)
-    ms = timed_ms(lambda: [x @ w for _ in range(100)], 9)
+    ms = 1e3 * timed(lambda: [x @ w for _ in range(100)], 9)
     return 100 * N_ENVS * 256 * 1024 / (ms / 1e3)
 
 
 def read_bytes_per_s() -> float:
     """Memory read rate: summing a 64 MiB tensor, far beyond the caches."""
     big = torch.ones(16 * 2**20)
-    return big.numel() * 4 / (timed_ms(big.sum, 9) / 1e3)
+    return big.numel() * 4 / timed(big.sum, 9)
 
 
 def encoder_table(repeats: int) -> None:
@@ -147,22 +121,14 @@ def encoder_table(repeats: int) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, cls in ENCODERS.items():
         enc = cls(TSTEP_DIM, MAX_SEQ_LEN).eval()
-        # Checkouts from before in-place rollout steps (for before/after tables) lack the keyword.
-        in_place = {"in_place": True} if "in_place" in inspect.signature(enc.forward).parameters else {}
         latency, macs = [], 0
         for episode_step in (10, 2000):
-            state = state_at(enc, episode_step)
-            x = torch.randn(N_ENVS, 1, TSTEP_DIM)
-            t = torch.full((N_ENVS, 1, 1), episode_step)
-
-            def step() -> None:
-                with torch.no_grad():
-                    enc(x, t, hidden_state=state, **in_place)
-
-            latency.append(timed_ms(step, repeats))
+            step = rollout_step(enc, episode_step)
+            latency.append(1e3 * timed(step, repeats))
             with FlopCounterMode(display=False) as counter:
                 step()
             macs = max(macs, counter.get_total_flops() // 2 // N_ENVS)
+        state = enc.init_hidden_state(N_ENVS, torch.device("cpu"))
         state_bytes = sum(v.numel() * v.element_size() for v in state.values()) // N_ENVS if state else 0
         print(f"| {name} | {latency[0]:.2f} | {latency[1]:.2f} | {macs / 1e6:.2f} M | {state_bytes:,} "
               f"| {macs * N_ENVS / rate * 1e3:.2f} / {state_bytes * N_ENVS / bandwidth * 1e3:.2f} |", flush=True)
