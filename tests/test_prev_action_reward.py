@@ -105,7 +105,7 @@ def test_time_feature_needs_a_stateful_encoder():
 
 
 def test_prev_action_piece_stays_with_several_learners():
-    """Several learners change how the state is stored, not the RL^2 inputs."""
+    """With several learners the env runners still add the RL^2 inputs."""
     config = with_traj_encoder(ppo_config().learners(num_learners=2), "gru", max_seq_len=MAX_SEQ_LEN,
                                prev_action=True)
     assert any(isinstance(p, AddPrevActionReward) for p in config._env_to_module_connector(None, None, None))
