@@ -2,13 +2,16 @@
 
 Every contender trains PPO in this process, one after the other, until the task's target
 return or the env-step budget; the table gives env steps to the target, the final return and
-sampling+training throughput (env steps/s) for each. Usage:
+sampling+training throughput (env steps/s) for each run, then per contender how many seeds
+reached the target and the median (min-max) env steps of those that did. ``--plot`` saves
+every contender's learning curve, median over seeds with the min-max range shaded. Usage:
 
-    python benchmarks/vs_rllib_lstm.py --task delayed_recall --budget 300000 --seeds 0 1
+    python benchmarks/vs_rllib_lstm.py --task delayed_recall --budget 300000 --seeds 0 1 --plot dr.png
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -18,6 +21,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `examples.*`
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from ray.rllib.algorithms.ppo import PPOConfig  # noqa: E402
 from ray.rllib.connectors.env_to_module import FlattenObservations  # noqa: E402
@@ -57,23 +61,62 @@ def build(task: Task, contender: str, seed: int, envs: int) -> PPOConfig:
 def run(task: Task, contender: str, seed: int, budget: int, envs: int) -> dict:
     algo = build(task, contender, seed, envs).build_algo()
     params = sum(p.numel() for p in algo.get_module().parameters())
-    start, steps, ret, to_target = time.time(), 0, float("nan"), None
+    start, steps, ret, to_target, curve = time.time(), 0, float("nan"), None, []
     try:
         while steps < budget and to_target is None:
             result = algo.train()
             steps = int(result["num_env_steps_sampled_lifetime"])
             ret = result["env_runners"].get("episode_return_mean", ret)
+            if not math.isnan(ret):  # no episode has finished yet
+                curve.append((steps, ret))
             if ret >= task.target_return:
                 to_target = steps
     finally:
         algo.stop()
     elapsed = time.time() - start
     return {"contender": contender, "seed": seed, "params": params, "to_target": to_target,
-            "final_return": ret, "steps": steps, "steps_per_s": steps / elapsed}
+            "final_return": ret, "steps": steps, "steps_per_s": steps / elapsed, "curve": curve}
 
 
 def fmt(steps: Optional[int]) -> str:
     return "not reached" if steps is None else f"{steps:,}"
+
+
+def print_summary(runs: list[dict], contenders: list[str], budget: int) -> None:
+    print("\n| contender | seeds reaching the target | env steps to target: median (min-max) |")
+    print("|---|---:|---:|")
+    for contender in contenders:
+        mine = [r for r in runs if r["contender"] == contender]
+        reached = sorted(r["to_target"] for r in mine if r["to_target"] is not None)
+        steps = (f"{int(np.median(reached)):,} ({reached[0]:,}-{reached[-1]:,})" if reached
+                 else f"not reached in {budget:,}")
+        print(f"| {contender} | {len(reached)}/{len(mine)} | {steps} |")
+
+
+def plot(runs: list[dict], contenders: list[str], task_name: str, target: float, path: Path) -> None:
+    """Each contender's median return over seeds against env steps, the min-max range shaded; a
+    run that stopped at the target counts at its last return up to the longest run's end."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    end = max(r["steps"] for r in runs)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for contender in contenders:
+        mine = [r["curve"] for r in runs if r["contender"] == contender and r["curve"]]
+        if not mine:
+            continue
+        grid = np.linspace(min(curve[0][0] for curve in mine), end, 200)
+        curves = [np.interp(grid, *zip(*curve), left=np.nan) for curve in mine]
+        stacked = np.array(curves)
+        line, = ax.plot(grid, np.nanmedian(stacked, 0), label=f"{contender} ({len(curves)} seeds)")
+        ax.fill_between(grid, np.nanmin(stacked, 0), np.nanmax(stacked, 0), color=line.get_color(), alpha=0.2)
+    ax.axhline(target, color="gray", linestyle="--", label=f"target {target:g}")
+    ax.set(xlabel="env steps", ylabel="mean episode return", title=task_name)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -83,6 +126,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--envs", type=int, default=8, help="vectorised envs (one env runner)")
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=CONTENDERS)
+    parser.add_argument("--plot", type=Path, help="save the learning curves here (PNG)")
     args = parser.parse_args()
     task = TASKS[args.task]
     budget = args.budget or task.max_env_steps
@@ -93,11 +137,17 @@ def main() -> None:
           f"{os.cpu_count()} cores\n")
     print("| contender | seed | params | env steps to target | final return | env steps/s |")
     print("|---|---:|---:|---:|---:|---:|")
+    runs = []
     for seed in args.seeds:
         for contender in args.contenders:
             r = run(task, contender, seed, budget, args.envs)
+            runs.append(r)
             print(f"| {r['contender']} | {r['seed']} | {r['params']:,} | {fmt(r['to_target'])} "
                   f"| {r['final_return']:.3f} | {r['steps_per_s']:.0f} |", flush=True)
+    print_summary(runs, args.contenders, budget)
+    if args.plot:
+        plot(runs, args.contenders, args.task, task.target_return, args.plot)
+        print(f"\nlearning curves: {args.plot}")
 
 
 if __name__ == "__main__":
