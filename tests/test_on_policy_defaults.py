@@ -69,3 +69,20 @@ def test_multi_agent_configs_are_refused():
     config = with_traj_encoder(PPOConfig(), "gru", max_seq_len=8)
     with pytest.raises(ValueError, match="single-agent configs only, but the env runner steps the multi-agent env"):
         config.build_env_to_module_connector(env=MultiAgentCartPole({"num_agents": 2}), spaces=None)
+
+
+def test_the_seeds_dropouts_would_make_the_learner_differ_from_the_rollout(ray_session):
+    """Why the default matters: with the Transformer's own dropouts (0.05) the learner's first
+    forward_train (train mode) no longer reproduces the env runner's (eval mode) log-probs."""
+    seed_dropouts = {name: p.default for name, p in inspect.signature(TformerTrajEncoder.__init__).parameters.items()
+                     if name.startswith("dropout")}
+    with pytest.warns(UserWarning, match="on-policy PPOConfig"):
+        config = with_traj_encoder(local(PPOConfig()), "transformer", max_seq_len=MAX_SEQ_LEN,
+                                   encoder_config=seed_dropouts)
+    algo = config.build_algo()
+    try:
+        _, batch, module = sample_and_recompute(algo)
+        with torch.no_grad():
+            assert logp_error(module, batch) > 1e-3
+    finally:
+        algo.stop()
