@@ -5,7 +5,8 @@ Two markdown tables:
    default sizes through with_traj_encoder (max_seq_len 256), RLlib's LSTM with cell 256 and
    fcnet [256]: env steps/s, median of interleaved rounds so that load on the machine hits
    every contender alike, the ratio to the LSTM, and the time spent in this package's
-   connector piece (AddStatesFromEpisodeStore) per vector step.
+   connector piece (AddStatesFromEpisodeStore) per vector step. RLlib's own MLP [256] (no
+   memory, next to no arithmetic) shows what RLlib's env runner itself costs per step.
 2. The encoder alone on the rollout path (16 envs, one step, in place, no autograd): latency at
    episode step 10 and 2,000 (bounded memory: the two should match), the step's multiply-adds
    and the state bytes it reads, and the bound they set at this machine's measured matmul
@@ -33,7 +34,8 @@ from encoders_cpu import (  # same folder: sizes, timing and the rollout step
 from rllib_trajenc.rllib import with_traj_encoder
 from rllib_trajenc.rllib.compact_state import AddStatesFromEpisodeStore
 
-LSTM = "rllib_lstm"
+LSTM, MLP = "rllib_lstm", "rllib_mlp"
+LABELS = {LSTM: "RLlib LSTM-256", MLP: "RLlib MLP [256] (no memory)"}
 
 
 def config_for(contender: str) -> AlgorithmConfig:
@@ -44,6 +46,8 @@ def config_for(contender: str) -> AlgorithmConfig:
     if contender == LSTM:
         return config.rl_module(model_config=DefaultModelConfig(
             use_lstm=True, lstm_cell_size=256, fcnet_hiddens=[256], max_seq_len=MAX_SEQ_LEN))
+    if contender == MLP:  # RLlib's env runner around next to no arithmetic
+        return config.rl_module(model_config=DefaultModelConfig(fcnet_hiddens=[256]))
     return with_traj_encoder(config, contender, max_seq_len=MAX_SEQ_LEN)
 
 
@@ -75,7 +79,7 @@ class PieceTimer:
 
 
 def sampling_table(rounds: int, steps: int) -> None:
-    contenders = [LSTM, *ENCODERS]
+    contenders = [LSTM, MLP, *ENCODERS]
     runners = {name: SingleAgentEnvRunner(config=config_for(name)) for name in contenders}
     for runner in runners.values():  # warm-up: first calls allocate and fill caches
         runner.sample(num_timesteps=steps // 4, explore=True)
@@ -94,7 +98,7 @@ def sampling_table(rounds: int, steps: int) -> None:
           "| our connector piece (ms per vector step) |")
     print("|---|---:|---:|---:|---:|")
     for name in contenders:
-        label = "RLlib LSTM-256" if name == LSTM else name
+        label = LABELS.get(name, name)
         print(f"| {label} | {median(rates[name]):,.0f} | {min(rates[name]):,.0f}-{max(rates[name]):,.0f} "
               f"| {median(rates[name]) / lstm:.2f} | {timer.ms_per_call(name)} |")
 

@@ -3,14 +3,18 @@
 Every contender trains PPO in this process, one after the other, until the task's target
 return or the env-step budget; the table gives env steps to the target, the final return and
 sampling+training throughput (env steps/s) for each run, then per contender how many seeds
-reached the target and the median (min-max) env steps of those that did. ``--plot`` saves
-every contender's learning curve, median over seeds with the min-max range shaded. Usage:
+reached the target, the median (min-max) env steps of those that did and the median (min-max)
+final return. ``--plot`` saves
+every contender's learning curve, median over seeds with the min-max range shaded; ``--json``
+saves every run, from which ``--from-json`` prints the same tables and plot without training.
+Usage:
 
     python benchmarks/vs_rllib_lstm.py --task delayed_recall --budget 300000 --seeds 0 1 --plot dr.png
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -83,14 +87,17 @@ def fmt(steps: Optional[int]) -> str:
 
 
 def print_summary(runs: list[dict], contenders: list[str], budget: int) -> None:
-    print("\n| contender | seeds reaching the target | env steps to target: median (min-max) |")
-    print("|---|---:|---:|")
+    print("\n| contender | seeds reaching the target | env steps to target: median (min-max) "
+          "| final return: median (min-max) |")
+    print("|---|---:|---:|---:|")
     for contender in contenders:
         mine = [r for r in runs if r["contender"] == contender]
         reached = sorted(r["to_target"] for r in mine if r["to_target"] is not None)
         steps = (f"{int(np.median(reached)):,} ({reached[0]:,}-{reached[-1]:,})" if reached
                  else f"not reached in {budget:,}")
-        print(f"| {contender} | {len(reached)}/{len(mine)} | {steps} |")
+        finals = sorted(r["final_return"] for r in mine)
+        print(f"| {contender} | {len(reached)}/{len(mine)} | {steps} "
+              f"| {np.median(finals):.3f} ({finals[0]:.3f} to {finals[-1]:.3f}) |")
 
 
 def plot(runs: list[dict], contenders: list[str], task_name: str, target: float, path: Path) -> None:
@@ -119,6 +126,28 @@ def plot(runs: list[dict], contenders: list[str], task_name: str, target: float,
     plt.close(fig)
 
 
+def run_row(r: dict) -> str:
+    return (f"| {r['contender']} | {r['seed']} | {r['params']:,} | {fmt(r['to_target'])} "
+            f"| {r['final_return']:.3f} | {r['steps_per_s']:.0f} |")
+
+
+RUNS_HEADER = ("| contender | seed | params | env steps to target | final return | env steps/s |\n"
+               "|---|---:|---:|---:|---:|---:|")
+
+
+def report(saved: dict, plot_path: Optional[Path]) -> None:
+    """The tables (and plot) of a finished benchmark, from the runs it saved with --json."""
+    task, runs = TASKS[saved["task"]], saved["runs"]
+    contenders = list(dict.fromkeys(r["contender"] for r in runs))
+    print(f"task {saved['task']} {task.env_config}, target return {task.target_return}, budget "
+          f"{saved['budget']:,} env steps\n\n{RUNS_HEADER}")
+    print("\n".join(run_row(r) for r in runs))
+    print_summary(runs, contenders, saved["budget"])
+    if plot_path:
+        plot(runs, contenders, saved["task"], task.target_return, plot_path)
+        print(f"\nlearning curves: {plot_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="delayed_recall")
@@ -127,7 +156,13 @@ def main() -> None:
     parser.add_argument("--envs", type=int, default=8, help="vectorised envs (one env runner)")
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=CONTENDERS)
     parser.add_argument("--plot", type=Path, help="save the learning curves here (PNG)")
+    parser.add_argument("--json", type=Path, help="save every run (curve included) here")
+    parser.add_argument("--from-json", type=Path,
+                        help="train nothing: print the tables (and --plot) of runs saved with --json")
     args = parser.parse_args()
+    if args.from_json:
+        report(json.loads(args.from_json.read_text()), args.plot)
+        return
     task = TASKS[args.task]
     budget = args.budget or task.max_env_steps
     register(task)
@@ -135,15 +170,14 @@ def main() -> None:
     print(f"task {args.task} {task.env_config}, target return {task.target_return}, budget "
           f"{budget:,} env steps, seeds {args.seeds}; machine: {platform.machine()}, "
           f"{os.cpu_count()} cores\n")
-    print("| contender | seed | params | env steps to target | final return | env steps/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(RUNS_HEADER)
     runs = []
     for seed in args.seeds:
         for contender in args.contenders:
-            r = run(task, contender, seed, budget, args.envs)
-            runs.append(r)
-            print(f"| {r['contender']} | {r['seed']} | {r['params']:,} | {fmt(r['to_target'])} "
-                  f"| {r['final_return']:.3f} | {r['steps_per_s']:.0f} |", flush=True)
+            runs.append(run(task, contender, seed, budget, args.envs))
+            print(run_row(runs[-1]), flush=True)
+            if args.json:  # after every run: a long benchmark that stops early keeps its runs
+                args.json.write_text(json.dumps({"task": args.task, "budget": budget, "runs": runs}))
     print_summary(runs, args.contenders, budget)
     if args.plot:
         plot(runs, args.contenders, args.task, task.target_return, args.plot)

@@ -41,10 +41,14 @@ def _delayed_recall(config: dict) -> gym.Env:
     return DelayedRecall(config)
 
 
-def _popgym(name: str) -> Callable[[dict], gym.Env]:
+def _popgym(name: str, previous_action: bool = False) -> Callable[[dict], gym.Env]:
+    """A POPGym env; ``previous_action`` adds the last action to each observation (POPGym's own
+    wrapper, as its benchmark does) where observations are meaningless without it."""
     def make(config: dict) -> gym.Env:
         import popgym.envs as envs
-        return getattr(envs, name)(**config)
+        from popgym.wrappers import PreviousAction
+        env = getattr(envs, name)(**config)
+        return PreviousAction(env) if previous_action else env
     return make
 
 
@@ -66,6 +70,7 @@ PPO_DEFAULTS: dict[str, Any] = {
 
 # RepeatPrevious: the reward for an action does not depend on later actions, so a short
 # horizon (gamma 0.5) turns it into near-supervised learning of "the suit k cards ago".
+# The same holds for every task whose step reward scores only that step's action.
 REPEAT_PREVIOUS_PPO: dict[str, Any] = {
     "gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.01, "minibatch_size": 256,
 }
@@ -90,6 +95,22 @@ TASKS: dict[str, Task] = {
         env="PositionOnlyCartPoleEasy", make_env=_popgym("PositionOnlyCartPoleEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,
         ppo={"lr": 5e-4, "minibatch_size": 256}, tuned=("gru", "mamba", "transformer")),
+    # Three more kinds of POPGym Easy task, for the breadth comparison with RLlib's LSTM
+    # (BENCHMARKS.md). Every step's reward scores that step's action alone, so the short
+    # horizon of REPEAT_PREVIOUS_PPO fits them too. Targets were fixed before any run.
+    "popgym_count_recall_easy": Task(  # counting: how often has this card's value been dealt?
+        env="CountRecallEasy", make_env=_popgym("CountRecallEasy"), env_config={},
+        target_return=0.0, max_env_steps=600_000, max_seq_len=64, ppo=REPEAT_PREVIOUS_PPO),
+    "popgym_autoencode_easy": Task(  # autoencoding: play the dealt cards back in reverse
+        env="AutoencodeEasy", make_env=_popgym("AutoencodeEasy"), env_config={},
+        target_return=0.0, max_env_steps=600_000, max_seq_len=128, ppo=REPEAT_PREVIOUS_PPO),
+    "popgym_minesweeper_easy": Task(  # a game: reveal the 14 safe cells of a 4x4 board
+        # Each observation counts the mines next to the cell just clicked: which cell, the
+        # previous action says.
+        env="MineSweeperEasy", make_env=_popgym("MineSweeperEasy", previous_action=True),
+        env_config={}, target_return=0.5, max_env_steps=600_000, max_seq_len=32,
+        # A mine ends the game and forfeits the cells still to reveal: a longer horizon here.
+        ppo={**REPEAT_PREVIOUS_PPO, "gamma": 0.9}),
     "popgym_repeat_previous_medium": Task(
         env="RepeatPreviousMedium", make_env=_popgym("RepeatPreviousMedium"), env_config={},
         # The suit 32 cards ago: a 64-step window covers it with room to spare.

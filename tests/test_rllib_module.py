@@ -123,6 +123,26 @@ def test_target_network_starts_as_a_copy_of_the_policy():
     assert all(not p.requires_grad for _, net in module.get_target_network_pairs() for p in net.parameters())
 
 
+def test_inference_only_module_stays_in_eval_mode():
+    """Env runners' modules skip RLlib's eval()/train() walk at every step, computing the same."""
+    config = model_config("transformer", traj_encoder_config={**model_config("transformer")["traj_encoder_config"],
+                                                              "dropout_ff": 0.5})
+    spec = RLModuleSpec(module_class=TrajEncoderRLModule, observation_space=CARTPOLE_OBS,
+                        action_space=gym.spaces.Discrete(2), model_config=config)
+    full, runner_module = spec.build(), RLModuleSpec(**{**vars(spec), "inference_only": True}).build()
+    runner_module.set_state(full.get_state(inference_only=True))
+    batch = {Columns.OBS: torch.randn(2, 4, 2),
+             Columns.STATE_IN: {k: torch.as_tensor(v).expand(2, *v.shape) for k, v in full.get_initial_state().items()}}
+    full.train(), runner_module.train()
+    expected = full.forward_exploration(batch)[Columns.ACTION_DIST_INPUTS]
+    assert full.training  # RLlib's contract for learner-side modules: the mode is restored
+    torch.testing.assert_close(runner_module.forward_exploration(batch)[Columns.ACTION_DIST_INPUTS], expected)
+    torch.testing.assert_close(runner_module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS], expected)
+    assert not any(m.training for m in runner_module.modules())
+    # The mode matters here: in train mode the dropout changes the output.
+    assert not torch.allclose(full._forward(batch)[Columns.ACTION_DIST_INPUTS], expected)
+
+
 @pytest.mark.parametrize("obs_space", [
     gym.spaces.Discrete(5, start=2),
     gym.spaces.MultiDiscrete([3, 4]),

@@ -145,6 +145,28 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         return out
 
     @override(TorchRLModule)
+    def forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        if self.inference_only:
+            self._stay_in_eval_mode()
+            return self._forward_exploration(batch, **kwargs)
+        return super().forward_exploration(batch, **kwargs)
+
+    @override(TorchRLModule)
+    def forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        if self.inference_only:
+            self._stay_in_eval_mode()
+            return self._forward_inference(batch, **kwargs)
+        return super().forward_inference(batch, **kwargs)
+
+    def _stay_in_eval_mode(self) -> None:
+        """RLlib's forward_exploration/inference switch the module to eval mode and back to train
+        mode around every call: two walks over every submodule (~60 for a default Transformer) at
+        every env step. An inference-only module (an env runner's) is never trained, so it is put in
+        eval mode once and stays there."""
+        if self.training:
+            self.eval()
+
+    @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         # The loss hands the embeddings to compute_values, sparing a second encoder pass, and
         # the diagnostics to the learner's metrics (see compute_self_supervised_loss).
