@@ -230,8 +230,8 @@ class AddStatesFromEpisodeStore(ConnectorV2):
             # Before the step runs.
             store.snapshot(len(episode), max_seq_len)
             rows, row = module.rollout_state(len(episodes)), len(rows_used)
-            rows.claim(row, episode.id_, store.running)
-            store.running = rows.row(row)
+            if rows.claim(row, episode.id_, store.running):
+                store.running = rows.row(row)  # views: they follow the row from now on
             rows_used.append(row)
             self.add_batch_item(batch, Columns.STATE_IN, {ROLLOUT_ROW: np.int64(row)},
                                 single_agent_episode=episode)

@@ -30,15 +30,16 @@ class RolloutState:
     def n_rows(self) -> int:
         return len(self.owners)
 
-    def claim(self, row: int, owner: Hashable, state: Optional[State]) -> None:
-        """Makes ``row`` hold ``owner``'s state; loads ``state`` (None: a fresh episode) if the row
-        held another episode until now."""
+    def claim(self, row: int, owner: Hashable, state: Optional[State]) -> bool:
+        """Makes ``row`` hold ``owner``'s state; loads ``state`` (None: a fresh episode) and returns
+        True if the row held another episode until now."""
         if self.owners[row] == owner:
-            return
+            return False
         source = self.initial if state is None else state
         for key, tensor in self.tensors.items():
             tensor[row].copy_(torch.as_tensor(np.asarray(source[key])))
         self.owners[row] = owner
+        return True
 
     def update(self, state: dict[str, torch.Tensor]) -> None:
         """Makes every row hold ``state`` (all rows' states after a step); tensors the encoder
