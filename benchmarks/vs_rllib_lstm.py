@@ -3,8 +3,8 @@
 Every contender trains PPO in this process, one after the other, until the task's target
 return or the env-step budget; the table gives env steps to the target, the final return and
 sampling+training throughput (env steps/s) for each run, then per contender how many seeds
-reached the target, the median (min-max) env steps of those that did and the median (min-max)
-final return. ``--plot`` saves
+reached the target, the median (min-max) env steps of those that did, and the median (min-max)
+final return and best mean return of a training iteration (POPGym's MMER). ``--plot`` saves
 every contender's learning curve, median over seeds with the min-max range shaded; ``--json``
 saves every run, from which ``--from-json`` prints the same tables and plot without training.
 Usage:
@@ -86,18 +86,22 @@ def fmt(steps: Optional[int]) -> str:
     return "not reached" if steps is None else f"{steps:,}"
 
 
+def spread(values: list[float]) -> str:
+    return f"{np.median(values):.3f} ({min(values):.3f} to {max(values):.3f})"
+
+
 def print_summary(runs: list[dict], contenders: list[str], budget: int) -> None:
     print("\n| contender | seeds reaching the target | env steps to target: median (min-max) "
-          "| final return: median (min-max) |")
-    print("|---|---:|---:|---:|")
+          "| final return: median (min-max) | max mean return (POPGym's MMER): median (min-max) |")
+    print("|---|---:|---:|---:|---:|")
     for contender in contenders:
         mine = [r for r in runs if r["contender"] == contender]
         reached = sorted(r["to_target"] for r in mine if r["to_target"] is not None)
         steps = (f"{int(np.median(reached)):,} ({reached[0]:,}-{reached[-1]:,})" if reached
                  else f"not reached in {budget:,}")
-        finals = sorted(r["final_return"] for r in mine)
-        print(f"| {contender} | {len(reached)}/{len(mine)} | {steps} "
-              f"| {np.median(finals):.3f} ({finals[0]:.3f} to {finals[-1]:.3f}) |")
+        finals = [r["final_return"] for r in mine]
+        best = [max(ret for _, ret in r["curve"]) for r in mine]
+        print(f"| {contender} | {len(reached)}/{len(mine)} | {steps} | {spread(finals)} | {spread(best)} |")
 
 
 def plot(runs: list[dict], contenders: list[str], task_name: str, target: float, path: Path) -> None:

@@ -239,9 +239,11 @@ class AddStatesFromEpisodeStore(ConnectorV2):
 
 
 def env_to_module_pieces() -> list[ConnectorV2]:
-    """RLlib's default observation and time-dim pieces, then STATE_IN from the store."""
-    return [AddObservationsFromEpisodesToBatch(), AddTimeDimToBatchAndZeroPad(),
-            AddStatesFromEpisodeStore()]
+    """RLlib's default observation piece, then STATE_IN from the store. No time dim: RLlib's
+    time-dim piece then finds STATE_IN and steps aside, and so does the module-to-env piece that
+    would remove it again, item by item (together ~0.2 ms of every vector step of 16 envs); the
+    module takes [B, ...] observations as one step each."""
+    return [AddObservationsFromEpisodesToBatch(), AddStatesFromEpisodeStore()]
 
 
 def learner_pieces() -> list[ConnectorV2]:
