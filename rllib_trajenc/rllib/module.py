@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -146,25 +146,23 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
 
     @override(TorchRLModule)
     def forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        if self.inference_only:
-            self._stay_in_eval_mode()
-            return self._forward_exploration(batch, **kwargs)
-        return super().forward_exploration(batch, **kwargs)
+        return self._forward_in_mode(super().forward_exploration, self._forward_exploration, batch, **kwargs)
 
     @override(TorchRLModule)
     def forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        if self.inference_only:
-            self._stay_in_eval_mode()
-            return self._forward_inference(batch, **kwargs)
-        return super().forward_inference(batch, **kwargs)
+        return self._forward_in_mode(super().forward_inference, self._forward_inference, batch, **kwargs)
 
-    def _stay_in_eval_mode(self) -> None:
+    def _forward_in_mode(self, rllib_forward: Callable[..., dict], forward: Callable[..., dict],
+                         batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         """RLlib's forward_exploration/inference switch the module to eval mode and back to train
         mode around every call: two walks over every submodule (~60 for a default Transformer) at
         every env step. An inference-only module (an env runner's) is never trained, so it is put in
-        eval mode once and stays there."""
+        eval mode once and stays there; other modules keep RLlib's behaviour."""
+        if not self.inference_only:
+            return rllib_forward(batch, **kwargs)
         if self.training:
             self.eval()
+        return forward(batch, **kwargs)
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
