@@ -90,18 +90,28 @@ def spread(values: list[float]) -> str:
     return f"{np.median(values):.3f} ({min(values):.3f} to {max(values):.3f})"
 
 
+def to_target(runs: list[dict], budget: int) -> tuple[str, str]:
+    """Seeds reaching the target ("k/n") and their env steps to it: median (min-max)."""
+    reached = sorted(r["to_target"] for r in runs if r["to_target"] is not None)
+    steps = (f"{int(np.median(reached)):,} ({reached[0]:,}-{reached[-1]:,})" if reached
+             else f"not reached in {budget:,}")
+    return f"{len(reached)}/{len(runs)}", steps
+
+
+def mmer(runs: list[dict]) -> str:
+    """POPGym's MMER: each run's best mean episode return of a training iteration; median (range)."""
+    return spread([max(ret for _, ret in r["curve"]) for r in runs])
+
+
 def print_summary(runs: list[dict], contenders: list[str], budget: int) -> None:
     print("\n| contender | seeds reaching the target | env steps to target: median (min-max) "
           "| final return: median (min-max) | max mean return (POPGym's MMER): median (min-max) |")
     print("|---|---:|---:|---:|---:|")
     for contender in contenders:
         mine = [r for r in runs if r["contender"] == contender]
-        reached = sorted(r["to_target"] for r in mine if r["to_target"] is not None)
-        steps = (f"{int(np.median(reached)):,} ({reached[0]:,}-{reached[-1]:,})" if reached
-                 else f"not reached in {budget:,}")
-        finals = [r["final_return"] for r in mine]
-        best = [max(ret for _, ret in r["curve"]) for r in mine]
-        print(f"| {contender} | {len(reached)}/{len(mine)} | {steps} | {spread(finals)} | {spread(best)} |")
+        reached, steps = to_target(mine, budget)
+        finals = spread([r["final_return"] for r in mine])
+        print(f"| {contender} | {reached} | {steps} | {finals} | {mmer(mine)} |")
 
 
 def plot(runs: list[dict], contenders: list[str], task_name: str, target: float, path: Path) -> None:

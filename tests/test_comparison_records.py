@@ -35,3 +35,9 @@ def test_benchmarks_md_shows_the_recorded_tables(record, capsys):
     benchmarks = (ROOT / "BENCHMARKS.md").read_text()
     missing = [line for line in tables if line not in benchmarks]
     assert not missing, f"rows of {record.name} not in BENCHMARKS.md: {missing}"
+
+
+def test_benchmarks_md_shows_the_popgym_breadth_table():
+    from popgym_breadth import table
+
+    assert table() in (ROOT / "BENCHMARKS.md").read_text()
