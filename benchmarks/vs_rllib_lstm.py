@@ -75,6 +75,9 @@ def run(task: Task, contender: str, seed: int, budget: int, envs: int) -> dict:
                 curve.append((steps, ret))
             if ret >= task.target_return:
                 to_target = steps
+            # Progress on stderr, so that stdout stays the tables.
+            print(f"  {contender} seed {seed}: {steps:,} env steps, return {ret:.3f}, "
+                  f"{time.time() - start:.0f} s", file=sys.stderr, flush=True)
     finally:
         algo.stop()
     elapsed = time.time() - start
