@@ -1,8 +1,9 @@
 """TrajEncoderRLModule: observation -> TstepEncoder -> TrajEncoder -> actor and critic heads.
 
 One ``_forward`` serves the env runner (one step per call: [B, ...], or [B, 1, ...] through
-RLlib's default pieces, with STATE_IN) and the learner ([B, max_seq_len, ...] zero-padded chunks whose STATE_IN is the state before the chunk),
-so both compute the same function and the learner reproduces the rollout's log-probs.
+RLlib's default pieces, with STATE_IN) and the learner ([B, max_seq_len, ...] zero-padded chunks
+whose STATE_IN is the state before the chunk), so both compute the same function and the
+learner reproduces the rollout's log-probs.
 
 On env runners with with_traj_encoder's connector pieces the module keeps its envs' running
 states itself (``rollout_state``, see rollout_state.py): STATE_IN then holds only each env's row
