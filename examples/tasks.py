@@ -106,10 +106,12 @@ TASKS: dict[str, Task] = {
     # horizon of REPEAT_PREVIOUS_PPO fits them too. Targets were fixed before any run.
     "popgym_count_recall_easy": Task(  # counting: how often has this card's value been dealt?
         env="CountRecallEasy", make_env=_popgym("CountRecallEasy"), env_config={},
-        target_return=0.0, max_env_steps=600_000, max_seq_len=64, ppo=REPEAT_PREVIOUS_PPO),
+        target_return=0.0, max_env_steps=600_000, max_seq_len=64, ppo=REPEAT_PREVIOUS_PPO,
+        tuned=("transformer",)),
     "popgym_autoencode_easy": Task(  # autoencoding: play the dealt cards back in reverse
         env="AutoencodeEasy", make_env=_popgym("AutoencodeEasy"), env_config={},
-        target_return=0.0, max_env_steps=600_000, max_seq_len=128, ppo=REPEAT_PREVIOUS_PPO),
+        target_return=0.0, max_env_steps=600_000, max_seq_len=128, ppo=REPEAT_PREVIOUS_PPO,
+        tuned=("transformer",)),
     "popgym_minesweeper_easy": Task(  # a game: reveal the 14 safe cells of a 4x4 board
         # Each observation counts the mines next to the cell just clicked: which cell, the
         # previous action says.
