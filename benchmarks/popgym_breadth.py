@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vs_rllib_lstm import TASKS, mmer, to_target  # same folder
+from vs_rllib_lstm import TASKS, by_contender, mmer, to_target  # same folder
 
 COMPARISONS = Path(__file__).resolve().parents[1] / "docs" / "comparisons"
 KINDS = {
@@ -29,9 +29,7 @@ def table() -> str:
     rows = [HEADER]
     for task, kind in KINDS.items():
         saved = json.loads((COMPARISONS / f"{task}.json").read_text())
-        contenders = dict.fromkeys(r["contender"] for r in saved["runs"])
-        for contender in contenders:
-            mine = [r for r in saved["runs"] if r["contender"] == contender]
+        for contender, mine in by_contender(saved["runs"]).items():
             reached, steps = to_target(mine, saved["budget"])
             rows.append(f"| `{task}` | {kind} | {TASKS[task].target_return:g} | {contender} | {reached} "
                         f"| {steps} | {mmer(mine)} |")

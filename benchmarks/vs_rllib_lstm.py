@@ -106,18 +106,25 @@ def mmer(runs: list[dict]) -> str:
     return spread([max(ret for _, ret in r["curve"]) for r in runs])
 
 
-def print_summary(runs: list[dict], contenders: list[str], budget: int) -> None:
+def by_contender(runs: list[dict]) -> dict[str, list[dict]]:
+    """The runs of each contender, contenders in the order they first ran."""
+    grouped: dict[str, list[dict]] = {}
+    for r in runs:
+        grouped.setdefault(r["contender"], []).append(r)
+    return grouped
+
+
+def print_summary(runs: list[dict], budget: int) -> None:
     print("\n| contender | seeds reaching the target | env steps to target: median (min-max) "
           "| final return: median (min-max) | max mean return (POPGym's MMER): median (min-max) |")
     print("|---|---:|---:|---:|---:|")
-    for contender in contenders:
-        mine = [r for r in runs if r["contender"] == contender]
+    for contender, mine in by_contender(runs).items():
         reached, steps = to_target(mine, budget)
         finals = spread([r["final_return"] for r in mine])
         print(f"| {contender} | {reached} | {steps} | {finals} | {mmer(mine)} |")
 
 
-def plot(runs: list[dict], contenders: list[str], task_name: str, target: float, path: Path) -> None:
+def plot(runs: list[dict], task_name: str, target: float, path: Path) -> None:
     """Each contender's median return over seeds against env steps, the min-max range shaded; a
     run that stopped at the target counts at its last return up to the longest run's end."""
     import matplotlib
@@ -126,8 +133,8 @@ def plot(runs: list[dict], contenders: list[str], task_name: str, target: float,
 
     end = max(r["steps"] for r in runs)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for contender in contenders:
-        mine = [r["curve"] for r in runs if r["contender"] == contender and r["curve"]]
+    for contender, contender_runs in by_contender(runs).items():
+        mine = [r["curve"] for r in contender_runs if r["curve"]]
         if not mine:
             continue
         grid = np.linspace(min(curve[0][0] for curve in mine), end, 200)
@@ -155,13 +162,12 @@ RUNS_HEADER = ("| contender | seed | params | env steps to target | final return
 def report(saved: dict, plot_path: Optional[Path]) -> None:
     """The tables (and plot) of a finished benchmark, from the runs it saved with --json."""
     task, runs = TASKS[saved["task"]], saved["runs"]
-    contenders = list(dict.fromkeys(r["contender"] for r in runs))
     print(f"task {saved['task']} {task.env_config}, target return {task.target_return}, budget "
           f"{saved['budget']:,} env steps\n\n{RUNS_HEADER}")
     print("\n".join(run_row(r) for r in runs))
-    print_summary(runs, contenders, saved["budget"])
+    print_summary(runs, saved["budget"])
     if plot_path:
-        plot(runs, contenders, saved["task"], task.target_return, plot_path)
+        plot(runs, saved["task"], task.target_return, plot_path)
         print(f"\nlearning curves: {plot_path}")
 
 
@@ -195,9 +201,9 @@ def main() -> None:
             print(run_row(runs[-1]), flush=True)
             if args.json:  # after every run: a long benchmark that stops early keeps its runs
                 args.json.write_text(json.dumps({"task": args.task, "budget": budget, "runs": runs}))
-    print_summary(runs, args.contenders, budget)
+    print_summary(runs, budget)
     if args.plot:
-        plot(runs, args.contenders, args.task, task.target_return, args.plot)
+        plot(runs, args.task, task.target_return, args.plot)
         print(f"\nlearning curves: {args.plot}")
 
 

@@ -75,6 +75,9 @@ REPEAT_PREVIOUS_PPO: dict[str, Any] = {
     "gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.01, "minibatch_size": 256,
 }
 
+# DelayedRecall: the answer's reward comes at the query, after `delay` unrewarded steps.
+DELAYED_RECALL_PPO: dict[str, Any] = {"gamma": 0.999, "lambda_": 0.99, "entropy_coeff": 0.003}
+
 TASKS: dict[str, Task] = {
     "stateless_cartpole": Task(
         env="StatelessCartPole", make_env=_stateless_cartpole, env_config={},
@@ -85,14 +88,12 @@ TASKS: dict[str, Task] = {
     "delayed_recall": Task(
         env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": 100},
         target_return=0.9, max_env_steps=600_000, max_seq_len=128,
-        ppo={"gamma": 0.999, "lambda_": 0.99, "entropy_coeff": 0.003},
-        tuned=("transformer",)),
+        ppo=DELAYED_RECALL_PPO, tuned=("transformer",)),
     "delayed_recall_400": Task(
         env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": 400},
         # The window covers the cue 400 steps back; minibatches of whole 512-step rows.
         target_return=0.9, max_env_steps=2_000_000, max_seq_len=512,
-        ppo={"gamma": 0.999, "lambda_": 0.99, "entropy_coeff": 0.003,
-             "train_batch_size_per_learner": 8192, "minibatch_size": 2048}),
+        ppo={**DELAYED_RECALL_PPO, "train_batch_size_per_learner": 8192, "minibatch_size": 2048}),
     "popgym_repeat_previous_easy": Task(
         env="RepeatPreviousEasy", make_env=_popgym("RepeatPreviousEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,
