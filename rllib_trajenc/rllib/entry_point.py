@@ -31,7 +31,7 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
     connectors.py); bad settings raise ValueError here.
 
     ``model_config`` takes the other keys of TrajEncoderModelConfig (tstep_dim, head_hiddens, ...).
-    Set ``minibatch_size`` (>= max_seq_len) first. The encoder's dropouts default to 0 here (see
+    Set ``minibatch_size`` (>= max_seq_len), ``batch_mode`` and ``seed`` first. The encoder's dropouts default to 0 here (see
     ``_dropouts_off``). Single-agent configs only.
     """
     # Imported here: AlgorithmConfig loads most of RLlib, which env runners and learners that
@@ -45,6 +45,15 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
                          f"policies {sorted(config.policies)}")
     if not isinstance(encoder_config, (Mapping, type(None))):
         raise ValueError(f"encoder_config={encoder_config!r} must be a dict of the encoder's kwargs or None")
+    if config.batch_mode == "complete_episodes" and config.seed is not None:
+        # RLlib 2.60's SingleAgentEnvRunner samples this mode as num_envs whole episodes per
+        # sample(), re-seeding its envs with config.seed before each (tests/test_episode_sampling.py).
+        raise ValueError(
+            f"batch_mode='complete_episodes' with seed={config.seed} replays the same episodes at every "
+            "sample(): RLlib's env runner resets its envs with that seed each time, so a memory-free "
+            "policy can learn them by heart. Keep batch_mode='truncate_episodes' (with fixed-length "
+            "episodes, a rollout_fragment_length that is a multiple of their length keeps them whole), "
+            "or set debugging(seed=None)")
     model_config = {"traj_encoder": encoder, "traj_encoder_config": dict(encoder_config or {}),
                     "max_seq_len": max_seq_len, **model_config}
     model = TrajEncoderModelConfig.from_model_config(model_config)
