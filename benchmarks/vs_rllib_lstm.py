@@ -47,7 +47,7 @@ def build(task: Task, contender: str, seed: int, envs: int) -> PPOConfig:
     config = (
         PPOConfig()
         .environment(task.env, env_config=task.env_config)
-        .env_runners(num_env_runners=0, num_envs_per_env_runner=envs)
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=envs, **task.env_runners)
         .training(**{**PPO_DEFAULTS, **task.ppo})
         .debugging(seed=seed)
     )

@@ -25,6 +25,8 @@ class Task:
     max_env_steps: int
     max_seq_len: int
     ppo: dict[str, Any] = field(default_factory=dict)
+    # AlgorithmConfig.env_runners() settings the task needs (every contender gets them).
+    env_runners: dict[str, Any] = field(default_factory=dict)
     encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Encoders whose recorded run (README table, docs/results/) reached target_return with
     # these settings; the others run with the same settings but carry no such promise.
@@ -76,6 +78,7 @@ REPEAT_PREVIOUS_PPO: dict[str, Any] = {
 }
 
 # DelayedRecall: the answer's reward comes at the query, after `delay` unrewarded steps.
+LONG_DELAY = 400
 DELAYED_RECALL_PPO: dict[str, Any] = {"gamma": 0.999, "lambda_": 0.99, "entropy_coeff": 0.003}
 
 TASKS: dict[str, Task] = {
@@ -90,10 +93,20 @@ TASKS: dict[str, Task] = {
         target_return=0.9, max_env_steps=600_000, max_seq_len=128,
         ppo=DELAYED_RECALL_PPO, tuned=("transformer",)),
     "delayed_recall_400": Task(
-        env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": 400},
-        # The window covers the cue 400 steps back; minibatches of whole 512-step rows.
-        target_return=0.9, max_env_steps=2_000_000, max_seq_len=512,
-        ppo={**DELAYED_RECALL_PPO, "train_batch_size_per_learner": 8192, "minibatch_size": 2048}),
+        env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": LONG_DELAY},
+        # The window covers the cue 400 steps back. Fragments of exactly one episode per env make
+        # every episode one whole learner row: a row cut from an episode's middle starts from the
+        # state its env runner stored, through which no gradient reaches the cue (for the
+        # Transformer, the cue's cached keys and values). Only the query's action is scored, so
+        # the short horizon of REPEAT_PREVIOUS_PPO fits (with gamma 0.999 every step's value target
+        # is the answer's +-1, unpredictable until the cue is remembered). 32 episodes per
+        # iteration, because the target is judged on one iteration's mean return: 31 right of 32
+        # is out of a memory-free policy's reach, 8 of 8 is not (1 in 256 iterations).
+        target_return=0.9, max_env_steps=1_000_000, max_seq_len=512,
+        env_runners={"rollout_fragment_length": LONG_DELAY + 2},
+        ppo={"gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.003,
+             "train_batch_size_per_learner": 32 * (LONG_DELAY + 2), "minibatch_size": 1024},
+        encoders={"transformer": {"pos_emb": "rope"}}),
     "popgym_repeat_previous_easy": Task(
         env="RepeatPreviousEasy", make_env=_popgym("RepeatPreviousEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,

@@ -50,15 +50,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(task: Task, args: argparse.Namespace) -> PPOConfig:
-    ppo = {**PPO_DEFAULTS, **task.ppo}
+    ppo, env_runners = {**PPO_DEFAULTS, **task.ppo}, dict(task.env_runners)
     if args.smoke:
         # Minibatches hold whole max_seq_len rows, so none may be smaller than one row; four
         # rows per iteration let every task finish an episode (RepeatPreviousMedium: 103 steps).
         ppo.update(train_batch_size_per_learner=4 * task.max_seq_len, minibatch_size=task.max_seq_len,
                    num_epochs=1)
+        # RLlib wants the batch near a multiple of the fragments; a task's own may not fit it.
+        env_runners["rollout_fragment_length"] = "auto"
     config = (
         PPOConfig()
         .environment(task.env, env_config=task.env_config)
+        .env_runners(**env_runners)
         .training(**ppo)
         .debugging(seed=args.seed)
     )
