@@ -8,14 +8,19 @@ with_traj_encoder refuses.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
-from examples.tasks import PPO_DEFAULTS, TASKS, register
+from examples.tasks import TASKS, register
 from rllib_trajenc import with_traj_encoder
 from rllib_trajenc.envs import DelayedRecall
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def first_obs(episodes) -> list[np.ndarray]:
@@ -45,13 +50,11 @@ def test_complete_episodes_with_a_seed_is_refused():
 
 
 def test_delayed_recall_400_samples_whole_fresh_episodes():
+    from vs_rllib_lstm import build  # the config the comparison in BENCHMARKS.md ran
+
     task = TASKS["delayed_recall_400"]
     register(task)
-    config = (PPOConfig().environment(task.env, env_config=task.env_config)
-              .env_runners(num_env_runners=0, num_envs_per_env_runner=2, **task.env_runners)
-              .training(**{**PPO_DEFAULTS, **task.ppo})
-              .debugging(seed=0))
-    runner = SingleAgentEnvRunner(config=with_traj_encoder(config, "ff", max_seq_len=task.max_seq_len))
+    runner = SingleAgentEnvRunner(config=build(task, "ff", seed=0, envs=2))
     episode_len = task.env_config["delay"] + 2
     try:
         samples = [runner.sample() for _ in range(3)]

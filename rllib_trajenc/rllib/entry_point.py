@@ -31,8 +31,8 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
     connectors.py); bad settings raise ValueError here.
 
     ``model_config`` takes the other keys of TrajEncoderModelConfig (tstep_dim, head_hiddens, ...).
-    Set ``minibatch_size`` (>= max_seq_len), ``batch_mode`` and ``seed`` first. The encoder's dropouts default to 0 here (see
-    ``_dropouts_off``). Single-agent configs only.
+    Set ``minibatch_size`` (>= max_seq_len), ``batch_mode`` and ``seed`` first. The encoder's
+    dropouts default to 0 here (see ``_dropouts_off``). Single-agent configs only.
     """
     # Imported here: AlgorithmConfig loads most of RLlib, which env runners and learners that
     # import this package for the module alone do not need.
