@@ -31,7 +31,7 @@ from ray.rllib.algorithms.ppo import PPOConfig  # noqa: E402
 from ray.rllib.connectors.env_to_module import FlattenObservations  # noqa: E402
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig  # noqa: E402
 
-from examples.tasks import PPO_DEFAULTS, SMALL_ENCODERS, TASKS, Task, register  # noqa: E402
+from examples.tasks import PPO_DEFAULTS, TASKS, Task, register  # noqa: E402
 from rllib_trajenc.rllib import with_traj_encoder  # noqa: E402
 
 LSTM = "rllib_lstm"
@@ -57,9 +57,7 @@ def build(task: Task, contender: str, seed: int, envs: int) -> PPOConfig:
         return config.rl_module(model_config=DefaultModelConfig(
             use_lstm=True, lstm_cell_size=LSTM_CELL, max_seq_len=task.max_seq_len,
             fcnet_hiddens=[64], vf_share_layers=True))
-    return with_traj_encoder(config, contender, max_seq_len=task.max_seq_len,
-                             encoder_config={**SMALL_ENCODERS[contender],
-                                             **task.encoders.get(contender, {})})
+    return with_traj_encoder(config, contender, **task.traj_encoder_kwargs(contender))
 
 
 def run(task: Task, contender: str, seed: int, budget: int, envs: int) -> dict:

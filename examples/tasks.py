@@ -28,9 +28,16 @@ class Task:
     # AlgorithmConfig.env_runners() settings the task needs (every contender gets them).
     env_runners: dict[str, Any] = field(default_factory=dict)
     encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Other model_config keys (with_traj_encoder's keyword arguments) for all of our encoders.
+    module: dict[str, Any] = field(default_factory=dict)
     # Encoders whose recorded run (README table, docs/results/) reached target_return with
     # these settings; the others run with the same settings but carry no such promise.
     tuned: tuple[str, ...] = ()
+
+    def traj_encoder_kwargs(self, encoder: str) -> dict[str, Any]:
+        """with_traj_encoder's keyword arguments for one of our encoders on this task."""
+        return {"max_seq_len": self.max_seq_len, **self.module,
+                "encoder_config": {**SMALL_ENCODERS[encoder], **self.encoders.get(encoder, {})}}
 
 
 def _stateless_cartpole(config: dict) -> gym.Env:
@@ -101,14 +108,16 @@ TASKS: dict[str, Task] = {
         # the short horizon of REPEAT_PREVIOUS_PPO fits (with gamma 0.999 every step's value target
         # is the answer's +-1, unpredictable until the cue is remembered). 32 episodes per
         # iteration, because the target is judged on one iteration's mean return: 31 right of 32
-        # is out of a memory-free policy's reach, 8 of 8 is not (1 in 256 iterations). Minibatches
-        # of 4,096 steps; the Transformer learned on 2 of 3 seeds within 1M env steps with these
-        # and with 1,024, a different seed failing each time (BENCHMARKS.md).
+        # is out of a memory-free policy's reach, 8 of 8 is not (1 in 256 iterations). Linear
+        # timestep encoder and heads, as RLlib's LSTM has: with the default one-hidden-layer MLPs
+        # the Transformer learned on 2 of 3 seeds within 1M env steps, with linear ones on 3 of 3
+        # in about half the env steps (BENCHMARKS.md; benchmarks/recall_ppo.py isolates it).
         target_return=0.9, max_env_steps=1_000_000, max_seq_len=512,
         env_runners={"rollout_fragment_length": LONG_DELAY + 2},
         ppo={"gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.003,
              "train_batch_size_per_learner": 32 * (LONG_DELAY + 2), "minibatch_size": 4096},
-        encoders={"transformer": {"pos_emb": "rope"}}),
+        encoders={"transformer": {"pos_emb": "rope"}},
+        module={"tstep_hiddens": [], "head_hiddens": []}),
     "popgym_repeat_previous_easy": Task(
         env="RepeatPreviousEasy", make_env=_popgym("RepeatPreviousEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,

@@ -27,7 +27,7 @@ from ray import tune  # noqa: E402
 from ray.rllib.algorithms.ppo import PPOConfig  # noqa: E402
 
 from examples.scaling import add_scaling_args, apply_scaling  # noqa: E402
-from examples.tasks import PPO_DEFAULTS, SMALL_ENCODERS, TASKS, Task, register  # noqa: E402
+from examples.tasks import PPO_DEFAULTS, TASKS, Task, register  # noqa: E402
 from rllib_trajenc.rllib import encoder_names, with_traj_encoder  # noqa: E402
 
 RETURN = "env_runners/episode_return_mean"
@@ -65,10 +65,9 @@ def build_config(task: Task, args: argparse.Namespace) -> PPOConfig:
         .training(**ppo)
         .debugging(seed=args.seed)
     )
-    encoder_config = {**SMALL_ENCODERS[args.encoder], **task.encoders.get(args.encoder, {})}
     # Scaling first: with_traj_encoder picks the state storage that suits num_learners.
     return with_traj_encoder(apply_scaling(config, args), args.encoder,
-                             max_seq_len=task.max_seq_len, encoder_config=encoder_config)
+                             **task.traj_encoder_kwargs(args.encoder))
 
 
 class PrintProgress(tune.Callback):
