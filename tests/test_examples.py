@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 import ray
 
 from examples import train
-from examples.tasks import TASKS
+from examples.tasks import TASKS, register
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # Each task with one encoder, so that every encoder runs through the example script too.
 RUNS = [(task, ["gru", "transformer", "mamba", "ff"][i % 4]) for i, task in enumerate(sorted(TASKS))]
@@ -36,3 +40,21 @@ def test_bad_flags_fail_at_parse_time(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--encoder", "lstm"])
     assert "invalid choice: 'lstm'" in capsys.readouterr().err
+
+
+def test_a_tasks_module_settings_reach_the_module_in_both_scripts():
+    """delayed_recall_400's linear timestep encoder and heads, as train.py and the comparison in
+    BENCHMARKS.md build them (benchmarks/vs_rllib_lstm.py), not the module's one-hidden-layer MLPs."""
+    from vs_rllib_lstm import build
+
+    task = TASKS["delayed_recall_400"]
+    assert task.module == {"tstep_hiddens": [], "head_hiddens": []}
+    register(task)
+    env = task.make_env(task.env_config)
+    args = train.parse_args(["--task", "delayed_recall_400", "--encoder", "transformer"])
+    for config in (train.build_config(task, args), build(task, "transformer", seed=0, envs=2)):
+        spec = config.rl_module_spec
+        spec.observation_space, spec.action_space = env.observation_space, env.action_space
+        module = spec.build()
+        assert [len(net.layers) for net in (module.tstep_encoder.mlp, module.pi, module.vf)] == [1, 1, 1]
+        assert spec.model_config["traj_encoder_config"]["pos_emb"] == "rope"
