@@ -109,9 +109,9 @@ TASKS: dict[str, Task] = {
         # is the answer's +-1, unpredictable until the cue is remembered). 32 episodes per
         # iteration, because the target is judged on one iteration's mean return: 31 right of 32
         # is out of a memory-free policy's reach, 8 of 8 is not (1 in 256 iterations). Linear
-        # timestep encoder and heads, as RLlib's LSTM has: with the default one-hidden-layer MLPs
+        # timestep encoder and heads (RLlib's LSTM's heads are linear too): with the default MLPs
         # the Transformer learned on 2 of 3 seeds within 1M env steps, with linear ones on 3 of 3
-        # in about half the env steps (BENCHMARKS.md; benchmarks/recall_ppo.py isolates it).
+        # in under half the env steps (BENCHMARKS.md; benchmarks/recall_ppo.py, without RLlib).
         target_return=0.9, max_env_steps=1_000_000, max_seq_len=512,
         env_runners={"rollout_fragment_length": LONG_DELAY + 2},
         ppo={"gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.003,
