@@ -4,9 +4,9 @@ RLlib's PPO loss (clipped surrogate on every step, GAE advantages standardised o
 value loss and entropy bonus on every step) with the settings of examples/tasks.py's
 delayed_recall_400: gamma 0.5, lambda 0.9, 32 fresh episodes per iteration, 6 epochs over
 minibatches of 10 episodes, Adam lr 1e-3, gradients clipped at 1. The network is our module's
-layout, timestep encoder -> trajectory encoder (recall_supervised.py's) -> actor and critic heads,
-with each of those either one linear layer or an MLP with one hidden layer of 64 (the module's
-default ``tstep_hiddens``/``head_hiddens``). The table gives the episodes sampled until one
+layout, timestep encoder -> trajectory encoder (recall_supervised.py's) -> actor and critic heads;
+the timestep encoder and the heads are each one linear layer or an MLP with one hidden layer of 64
+(the module's default ``tstep_hiddens``/``head_hiddens``). The table gives the episodes sampled until one
 iteration's mean return reaches 0.9, the task's target; no env runner, no stored state. Usage:
 
     python benchmarks/recall_ppo.py [--delay 400] [--budget 2500] [--seeds 0 1 2]
