@@ -18,20 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from recall_supervised import CONTENDERS, MAX_SEQ_LEN, TSTEP_DIM, SMALL_ENCODERS
-from rllib_trajenc.envs import DelayedRecall
+from recall_supervised import CONTENDERS, TSTEP_DIM, build_encoder, seeded_env
 
 
 def cue_signal(contender: str, delay: int, seed: int) -> float:
     """|out_query(cue 0) - out_query(cue 1)| / |out_0(cue 0) - out_0(cue 1)| at initialisation."""
-    torch.manual_seed(seed)
-    env = DelayedRecall({"delay": delay})
-    env.reset(seed=seed)
+    env = seeded_env(delay, seed)
     obs = np.array([env.reset()[0]] + [env.step(0)[0] for _ in range(delay + 1)])
     pair = torch.from_numpy(np.stack([obs, obs]))
     pair[:, 0, :env.n_cues] = torch.eye(env.n_cues)[:2]  # cue 0 in one episode, cue 1 in the other
-    cls, sizes, overrides = CONTENDERS[contender]
-    encoder = cls(TSTEP_DIM, MAX_SEQ_LEN, **{**SMALL_ENCODERS[sizes], **overrides}).eval()
+    encoder = build_encoder(contender).eval()
     inp = nn.Linear(env.observation_space.shape[0], TSTEP_DIM)
     with torch.no_grad():
         out, _ = encoder(inp(pair), torch.arange(delay + 2).expand(2, -1).unsqueeze(-1))

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
-from recall_supervised import CONTENDERS, MAX_SEQ_LEN, SMALL_ENCODERS, TSTEP_DIM, episodes
-from rllib_trajenc.envs import DelayedRecall
+from recall_supervised import CONTENDERS, TSTEP_DIM, build_encoder, episodes, seeded_env
 from rllib_trajenc.rllib.tstep_encoder import MLP
 
 EPISODES_PER_ITER, MINIBATCH_EPISODES, EPOCHS = 32, 10, 6
@@ -52,11 +51,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def episodes_to_learn(contender: str, layout: str, delay: int, budget: int, seed: int) -> Optional[int]:
     """Episodes sampled until an iteration's mean return reaches TARGET; None if not within budget."""
-    torch.manual_seed(seed)
-    env = DelayedRecall({"delay": delay})
-    env.reset(seed=seed)
-    cls, sizes, overrides = CONTENDERS[contender]
-    encoder = cls(TSTEP_DIM, MAX_SEQ_LEN, **{**SMALL_ENCODERS[sizes], **overrides})
+    env = seeded_env(delay, seed)
+    encoder = build_encoder(contender)
     tstep_hiddens, head_hiddens = LAYOUTS[layout]
     tstep = MLP(env.observation_space.shape[0], tstep_hiddens, TSTEP_DIM, "leaky_relu")
     actor = MLP(encoder.emb_dim, head_hiddens, env.n_cues, "leaky_relu")

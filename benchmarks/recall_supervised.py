@@ -44,6 +44,20 @@ CONTENDERS: dict[str, tuple[type[rt.TrajEncoder], str, dict[str, Any]]] = {
 }
 
 
+def seeded_env(delay: int, seed: int) -> DelayedRecall:
+    """A DelayedRecall env seeded with ``seed``; torch is seeded too, for the networks built next."""
+    torch.manual_seed(seed)
+    env = DelayedRecall({"delay": delay})
+    env.reset(seed=seed)
+    return env
+
+
+def build_encoder(contender: str) -> rt.TrajEncoder:
+    """The contender's encoder at its SMALL_ENCODERS sizes with its overrides."""
+    cls, sizes, overrides = CONTENDERS[contender]
+    return cls(TSTEP_DIM, MAX_SEQ_LEN, **{**SMALL_ENCODERS[sizes], **overrides})
+
+
 def episodes(env: DelayedRecall, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Observations [n, delay + 2, obs_dim] of n episodes up to their query step, and their cues [n]."""
     seqs = []
@@ -56,11 +70,8 @@ def episodes(env: DelayedRecall, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def episodes_to_learn(contender: str, delay: int, budget: int, seed: int) -> Optional[int]:
     """Episodes seen until 95% of the last 100 are answered right; None if not within ``budget``."""
-    torch.manual_seed(seed)
-    env = DelayedRecall({"delay": delay})
-    env.reset(seed=seed)
-    cls, sizes, overrides = CONTENDERS[contender]
-    encoder = cls(TSTEP_DIM, MAX_SEQ_LEN, **{**SMALL_ENCODERS[sizes], **overrides})
+    env = seeded_env(delay, seed)
+    encoder = build_encoder(contender)
     inp = nn.Linear(env.observation_space.shape[0], TSTEP_DIM)
     head = nn.Linear(encoder.emb_dim, env.n_cues)
     params = [*inp.parameters(), *encoder.parameters(), *head.parameters()]
