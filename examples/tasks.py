@@ -117,7 +117,7 @@ TASKS: dict[str, Task] = {
         ppo={"gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.003,
              "train_batch_size_per_learner": 32 * (LONG_DELAY + 2), "minibatch_size": 4096},
         encoders={"transformer": {"pos_emb": "rope"}},
-        module={"tstep_hiddens": [], "head_hiddens": []}),
+        module={"tstep_hiddens": [], "head_hiddens": []}, tuned=("transformer",)),
     "popgym_repeat_previous_easy": Task(
         env="RepeatPreviousEasy", make_env=_popgym("RepeatPreviousEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,
