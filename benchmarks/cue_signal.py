@@ -19,18 +19,24 @@ import torch
 from torch import nn
 
 from recall_supervised import CONTENDERS, TSTEP_DIM, build_encoder, seeded_env
+from rllib_trajenc.envs import DelayedRecall
+from rllib_trajenc.nets import TrajEncoder
 
 
 def cue_signal(contender: str, delay: int, seed: int) -> float:
     """|out_query(cue 0) - out_query(cue 1)| / |out_0(cue 0) - out_0(cue 1)| at initialisation."""
     env = seeded_env(delay, seed)
-    obs = np.array([env.reset()[0]] + [env.step(0)[0] for _ in range(delay + 1)])
+    return cue_signal_of(env, build_encoder(contender))
+
+
+def cue_signal_of(env: DelayedRecall, encoder: TrajEncoder) -> float:
+    """cue_signal for a built env and encoder."""
+    obs = np.array([env.reset()[0]] + [env.step(0)[0] for _ in range(env.delay + 1)])
     pair = torch.from_numpy(np.stack([obs, obs]))
     pair[:, 0, :env.n_cues] = torch.eye(env.n_cues)[:2]  # cue 0 in one episode, cue 1 in the other
-    encoder = build_encoder(contender).eval()
     inp = nn.Linear(env.observation_space.shape[0], TSTEP_DIM)
     with torch.no_grad():
-        out, _ = encoder(inp(pair), torch.arange(delay + 2).expand(2, -1).unsqueeze(-1))
+        out, _ = encoder.eval()(inp(pair), torch.arange(env.delay + 2).expand(2, -1).unsqueeze(-1))
     diff = (out[0] - out[1]).norm(dim=-1)
     return (diff[-1] / diff[0]).item()
 

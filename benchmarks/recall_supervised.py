@@ -44,10 +44,10 @@ CONTENDERS: dict[str, tuple[type[rt.TrajEncoder], str, dict[str, Any]]] = {
 }
 
 
-def seeded_env(delay: int, seed: int) -> DelayedRecall:
+def seeded_env(delay: int, seed: int, n_noise: int = 2) -> DelayedRecall:
     """A DelayedRecall env seeded with ``seed``; torch is seeded too, for the networks built next."""
     torch.manual_seed(seed)
-    env = DelayedRecall({"delay": delay})
+    env = DelayedRecall({"delay": delay, "n_noise": n_noise})
     env.reset(seed=seed)
     return env
 
@@ -71,7 +71,12 @@ def episodes(env: DelayedRecall, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def episodes_to_learn(contender: str, delay: int, budget: int, seed: int) -> Optional[int]:
     """Episodes seen until 95% of the last 100 are answered right; None if not within ``budget``."""
     env = seeded_env(delay, seed)
-    encoder = build_encoder(contender)
+    return train_to_recall(env, build_encoder(contender), budget)
+
+
+def train_to_recall(env: DelayedRecall, encoder: rt.TrajEncoder, budget: int) -> Optional[int]:
+    """The supervised loop of episodes_to_learn on a built env and encoder."""
+    delay = env.delay
     inp = nn.Linear(env.observation_space.shape[0], TSTEP_DIM)
     head = nn.Linear(encoder.emb_dim, env.n_cues)
     params = [*inp.parameters(), *encoder.parameters(), *head.parameters()]
