@@ -85,8 +85,34 @@ REPEAT_PREVIOUS_PPO: dict[str, Any] = {
 }
 
 # DelayedRecall: the answer's reward comes at the query, after `delay` unrewarded steps.
-LONG_DELAY = 400
 DELAYED_RECALL_PPO: dict[str, Any] = {"gamma": 0.999, "lambda_": 0.99, "entropy_coeff": 0.003}
+
+
+def _long_recall(delay: int, max_seq_len: int, minibatch_size: int, tuned: tuple[str, ...] = ()) -> Task:
+    """DelayedRecall with the cue ``delay`` steps back, in a window (``max_seq_len``) covering it.
+
+    Fragments of exactly one episode per env make every episode one whole learner row: a row cut
+    from an episode's middle starts from the state its env runner stored, through which no
+    gradient reaches the cue (for the Transformer, the cue's cached keys and values). Only the
+    query's action is scored, so the short horizon of REPEAT_PREVIOUS_PPO fits (with gamma 0.999
+    every step's value target is the answer's +-1, unpredictable until the cue is remembered).
+    32 episodes per iteration, because the target is judged on one iteration's mean return: 31
+    right of 32 is out of a memory-free policy's reach, 8 of 8 is not (1 in 256 iterations);
+    minibatches of about 10 episodes. Linear timestep encoder and heads (RLlib's LSTM's heads are
+    linear too): at delay 400, with the default MLPs the Transformer learned on 2 of 3 seeds
+    within 1M env steps, with linear ones on 3 of 3 in under half the env steps (BENCHMARKS.md;
+    benchmarks/recall_ppo.py, without RLlib).
+    """
+    episode = delay + 2
+    return Task(
+        env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": delay},
+        target_return=0.9, max_env_steps=1_000_000, max_seq_len=max_seq_len,
+        env_runners={"rollout_fragment_length": episode},
+        ppo={"gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.003,
+             "train_batch_size_per_learner": 32 * episode, "minibatch_size": minibatch_size},
+        encoders={"transformer": {"pos_emb": "rope"}},
+        module={"tstep_hiddens": [], "head_hiddens": []}, tuned=tuned)
+
 
 TASKS: dict[str, Task] = {
     "stateless_cartpole": Task(
@@ -99,25 +125,8 @@ TASKS: dict[str, Task] = {
         env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": 100},
         target_return=0.9, max_env_steps=600_000, max_seq_len=128,
         ppo=DELAYED_RECALL_PPO, tuned=("transformer",)),
-    "delayed_recall_400": Task(
-        env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": LONG_DELAY},
-        # The window covers the cue 400 steps back. Fragments of exactly one episode per env make
-        # every episode one whole learner row: a row cut from an episode's middle starts from the
-        # state its env runner stored, through which no gradient reaches the cue (for the
-        # Transformer, the cue's cached keys and values). Only the query's action is scored, so
-        # the short horizon of REPEAT_PREVIOUS_PPO fits (with gamma 0.999 every step's value target
-        # is the answer's +-1, unpredictable until the cue is remembered). 32 episodes per
-        # iteration, because the target is judged on one iteration's mean return: 31 right of 32
-        # is out of a memory-free policy's reach, 8 of 8 is not (1 in 256 iterations). Linear
-        # timestep encoder and heads (RLlib's LSTM's heads are linear too): with the default MLPs
-        # the Transformer learned on 2 of 3 seeds within 1M env steps, with linear ones on 3 of 3
-        # in under half the env steps (BENCHMARKS.md; benchmarks/recall_ppo.py, without RLlib).
-        target_return=0.9, max_env_steps=1_000_000, max_seq_len=512,
-        env_runners={"rollout_fragment_length": LONG_DELAY + 2},
-        ppo={"gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.003,
-             "train_batch_size_per_learner": 32 * (LONG_DELAY + 2), "minibatch_size": 4096},
-        encoders={"transformer": {"pos_emb": "rope"}},
-        module={"tstep_hiddens": [], "head_hiddens": []}, tuned=("transformer",)),
+    "delayed_recall_400": _long_recall(400, max_seq_len=512, minibatch_size=4096, tuned=("transformer",)),
+    "delayed_recall_1000": _long_recall(1000, max_seq_len=1024, minibatch_size=10_240),
     "popgym_repeat_previous_easy": Task(
         env="RepeatPreviousEasy", make_env=_popgym("RepeatPreviousEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,
