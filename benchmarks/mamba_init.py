@@ -38,11 +38,9 @@ from rllib_trajenc.nets.mamba import MambaMixer
 
 def long_memory_(encoder: MambaTrajEncoder) -> None:
     """New mixers with step sizes in [1e-2, 1], A log-spaced over [1e-3, 1], B and C x3."""
-    old = encoder.mixers[0]
-    d_inner, d_state = old.A_log.shape
-    d_model, d_conv = old.out_proj.out_features, old.conv.kernel_size[0]
+    d_model, d_state, d_inner = encoder.d_model, encoder.d_state, encoder.d_inner
     encoder.mixers = nn.ModuleList(
-        MambaMixer(d_model, d_state, d_conv, d_inner // d_model, dt_min=1e-2, dt_max=1.0)
+        MambaMixer(d_model, d_state, encoder.d_conv, d_inner // d_model, dt_min=1e-2, dt_max=1.0)
         for _ in encoder.mixers)
     with torch.no_grad():
         for mixer in encoder.mixers:

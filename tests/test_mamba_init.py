@@ -10,6 +10,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from mamba_init import mamba  # noqa: E402
+from recall_supervised import TSTEP_DIM  # noqa: E402
 
 
 def test_long_memory_spreads_forgetting_across_the_state_and_steps_up_to_one():
@@ -30,7 +31,7 @@ def test_high_pass_channels_write_nothing_for_a_constant_input():
     mixer, half = encoder.mixers[0], encoder.d_inner // 2
     decay = torch.exp(F.softplus(mixer.dt_proj.bias)[:, None] * -torch.exp(mixer.A_log))
     state = encoder.init_hidden_state(1, torch.device("cpu"))
-    step = torch.randn(1, 1, 64)
+    step = torch.randn(1, 1, TSTEP_DIM)
     with torch.no_grad():
         encoder(step, hidden_state=state, in_place=True)
         assert state["ssm"][0, 0, :half].abs().min() > 0  # the first step is written
