@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `examples.*`
 
-from examples.tasks import SMALL_ENCODERS  # noqa: E402
+from examples.tasks import LONG_RECALL_MAMBA, SMALL_ENCODERS  # noqa: E402
 import rllib_trajenc as rt  # noqa: E402
 from rllib_trajenc.envs import DelayedRecall  # noqa: E402
 
@@ -39,6 +39,7 @@ TSTEP_DIM = 64
 CONTENDERS: dict[str, tuple[type[rt.TrajEncoder], str, dict[str, Any]]] = {
     "gru": (rt.GRUTrajEncoder, "gru", {}),
     "mamba": (rt.MambaTrajEncoder, "mamba", {}),
+    "mamba (long recall)": (rt.MambaTrajEncoder, "mamba", LONG_RECALL_MAMBA),
     "transformer (fixed)": (rt.TformerTrajEncoder, "transformer", {"pos_emb": "fixed"}),
     "transformer (rope)": (rt.TformerTrajEncoder, "transformer", {"pos_emb": "rope"}),
 }
@@ -52,10 +53,10 @@ def seeded_env(delay: int, seed: int, n_noise: int = 2) -> DelayedRecall:
     return env
 
 
-def build_encoder(contender: str) -> rt.TrajEncoder:
-    """The contender's encoder at its SMALL_ENCODERS sizes with its overrides."""
+def build_encoder(contender: str, **kwargs: Any) -> rt.TrajEncoder:
+    """The contender's encoder at its SMALL_ENCODERS sizes with its overrides, then ``kwargs``."""
     cls, sizes, overrides = CONTENDERS[contender]
-    return cls(TSTEP_DIM, MAX_SEQ_LEN, **{**SMALL_ENCODERS[sizes], **overrides})
+    return cls(TSTEP_DIM, MAX_SEQ_LEN, **{**SMALL_ENCODERS[sizes], **overrides, **kwargs})
 
 
 def episodes(env: DelayedRecall, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,6 +88,12 @@ REPEAT_PREVIOUS_PPO: dict[str, Any] = {
 DELAYED_RECALL_PPO: dict[str, Any] = {"gamma": 0.999, "lambda_": 0.99, "entropy_coeff": 0.003}
 
 
+# Mamba for recall across hundreds of noisy steps: the long-memory SSM initialisation, and no norm
+# before each block, which would rescale every blank step's noise to the cue's size
+# (benchmarks/mamba_init.py).
+LONG_RECALL_MAMBA: dict[str, Any] = {"norm": "none", "ssm_init": "long_memory"}
+
+
 def _long_recall(delay: int, max_seq_len: int, minibatch_size: int, tuned: tuple[str, ...] = ()) -> Task:
     """DelayedRecall with the cue ``delay`` steps back, in a window (``max_seq_len``) covering it.
 
@@ -110,7 +116,7 @@ def _long_recall(delay: int, max_seq_len: int, minibatch_size: int, tuned: tuple
         env_runners={"rollout_fragment_length": episode},
         ppo={"gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.003,
              "train_batch_size_per_learner": 32 * episode, "minibatch_size": minibatch_size},
-        encoders={"transformer": {"pos_emb": "rope"}},
+        encoders={"transformer": {"pos_emb": "rope"}, "mamba": LONG_RECALL_MAMBA},
         module={"tstep_hiddens": [], "head_hiddens": []}, tuned=tuned)
 
 
@@ -125,6 +131,8 @@ TASKS: dict[str, Task] = {
         env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": 100},
         target_return=0.9, max_env_steps=600_000, max_seq_len=128,
         ppo=DELAYED_RECALL_PPO, tuned=("transformer",)),
+    # delayed_recall's delay with the long-recall settings below.
+    "delayed_recall_100": _long_recall(100, max_seq_len=128, minibatch_size=1024),
     "delayed_recall_400": _long_recall(400, max_seq_len=512, minibatch_size=4096, tuned=("transformer",)),
     "delayed_recall_1000": _long_recall(1000, max_seq_len=1024, minibatch_size=10_240),
     "popgym_repeat_previous_easy": Task(

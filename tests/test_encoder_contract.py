@@ -184,13 +184,19 @@ SPEC_SIGNATURES = {
 }
 
 
+# Options beyond the spec: keyword-only, so the spec's positional order and defaults stay as they are.
+KEYWORD_ONLY_EXTENSIONS = {rt.MambaTrajEncoder: dict(ssm_init="paper")}
+
+
 @pytest.mark.parametrize("cls", list(SPEC_SIGNATURES), ids=lambda c: c.__name__)
 def test_signature_matches_spec(cls):
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
     assert [p.name for p in params[:2]] == ["tstep_dim", "max_seq_len"]
     assert all(p.default is inspect.Parameter.empty for p in params[:2])
-    defaults = {p.name: p.default for p in params[2:]}
-    assert defaults == SPEC_SIGNATURES[cls]
+    spec = [p for p in params[2:] if p.kind is not p.KEYWORD_ONLY]
+    assert {p.name: p.default for p in spec} == SPEC_SIGNATURES[cls]
+    extensions = [p for p in params[2:] if p.kind is p.KEYWORD_ONLY]
+    assert {p.name: p.default for p in extensions} == KEYWORD_ONLY_EXTENSIONS.get(cls, {})
 
 
 def test_base_class_api():

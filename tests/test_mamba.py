@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -142,7 +143,7 @@ def test_causal_conv_with_state_equals_conv_over_the_whole_sequence(width, first
 
 CONFIGS = [dict(d_model=16, d_state=4, n_layers=2),
            dict(d_model=24, d_state=3, d_conv=1, expand=1, n_layers=1, norm="rms"),
-           dict(d_model=8, d_state=5, d_conv=3, expand=3, n_layers=3, norm="none")]
+           dict(d_model=8, d_state=5, d_conv=3, expand=3, n_layers=3, norm="none", ssm_init="long_memory")]
 
 
 def make_encoder(config: dict) -> MambaTrajEncoder:
@@ -264,6 +265,35 @@ def test_initialisation_follows_the_paper():
     assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 1e-1 * (1 + 1e-4)
 
 
+def test_long_memory_init_spreads_forgetting_across_the_state_and_steps_up_to_one():
+    for mixer in make_encoder(dict(d_model=16, d_state=6, n_layers=2, ssm_init="long_memory")).mixers:
+        A = torch.exp(mixer.A_log)
+        torch.testing.assert_close(A[:, 0], torch.full_like(A[:, 0], 1e-3))
+        torch.testing.assert_close(A[:, -1], torch.ones_like(A[:, -1]))
+        dt = F.softplus(mixer.dt_proj.bias)
+        assert dt.min() >= 1e-2 * (1 - 1e-4) and dt.max() <= 1.0 + 1e-4
+
+
+@torch.no_grad()
+def test_long_memory_init_high_pass_channels_write_nothing_for_a_constant_input():
+    """After the first step of a constant input, layer 0's high-pass half only decays; the other
+    half keeps writing it."""
+    torch.manual_seed(0)
+    encoder = make_encoder(dict(d_model=16, d_state=4, n_layers=2, ssm_init="long_memory"))
+    mixer, half = encoder.mixers[0], encoder.d_inner // 2
+    decay = torch.exp(F.softplus(mixer.dt_proj.bias)[:, None] * -torch.exp(mixer.A_log))
+    state = encoder.init_hidden_state(1, torch.device("cpu"))
+    step = torch.randn(1, 1, TSTEP_DIM)
+    encoder(step, hidden_state=state, in_place=True)
+    assert state["ssm"][0, 0, :half].abs().min() > 0  # the first step is written
+    for _ in range(5):
+        before = state["ssm"][0, 0].clone()
+        encoder(step, hidden_state=state, in_place=True)
+        after = state["ssm"][0, 0]
+        torch.testing.assert_close(after[:half], before[:half] * decay[:half])
+        assert not torch.allclose(after[half:], before[half:] * decay[half:])
+
+
 def test_log_dict_gets_the_mean_step_size_per_layer():
     encoder, log = make_encoder(CONFIGS[0]), {}
     encoder(torch.randn(2, 4, TSTEP_DIM), log_dict=log)
@@ -281,6 +311,11 @@ def test_non_positive_sizes_are_rejected(arg, value):
 def test_unknown_norm_is_rejected():
     with pytest.raises(ValueError, match="norm='batch' is not supported"):
         MambaTrajEncoder(TSTEP_DIM, MAX_SEQ_LEN, d_model=8, norm="batch")
+
+
+def test_unknown_ssm_init_is_rejected():
+    with pytest.raises(ValueError, match=re.escape("ssm_init='s4d' is not supported; choose one of ['paper', 'long_memory']")):
+        MambaTrajEncoder(TSTEP_DIM, MAX_SEQ_LEN, d_model=8, ssm_init="s4d")
 
 
 def test_bad_input_shape_is_rejected():

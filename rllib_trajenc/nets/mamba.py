@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from rllib_trajenc.nets.base import HiddenState, TrajEncoder
-from rllib_trajenc.nets.layers import check_positive, make_norm
+from rllib_trajenc.nets.layers import check_choice, check_positive, make_norm
 from rllib_trajenc.nets.selective_scan import run_causal_conv1d, run_selective_scan
 
 
@@ -23,6 +23,7 @@ class MambaMixer(nn.Module):
 
     def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int,
                  dt_min: float = 1e-3, dt_max: float = 1e-1):
+        """Initialised as in the paper; ``long_memory_`` re-initialises for long recall."""
         super().__init__()
         d_inner = expand * d_model
         self.d_state, self.dt_rank = d_state, math.ceil(d_model / 16)
@@ -31,15 +32,39 @@ class MambaMixer(nn.Module):
         self.conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner)
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, d_inner)
-        # Step sizes start log-uniform in [dt_min, dt_max]: a spread of memory horizons per channel.
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        dt = torch.exp(torch.empty(d_inner).uniform_(math.log(dt_min), math.log(dt_max)))
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self._init_step_sizes(dt_min, dt_max)
         # S4D-real init: A = -(1, 2, ..., d_state) for every channel, kept negative via A = -exp(A_log).
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    @torch.no_grad()
+    def _init_step_sizes(self, dt_min: float, dt_max: float) -> None:
+        """Step sizes log-uniform in [dt_min, dt_max]: a spread of memory horizons over channels."""
+        d_inner = self.dt_proj.out_features
+        dt = torch.exp(torch.empty(d_inner).uniform_(math.log(dt_min), math.log(dt_max)))
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    @torch.no_grad()
+    def long_horizons_(self) -> None:
+        """Step sizes in [1e-2, 1] and A log-spaced over [1e-3, 1] across each channel's state:
+        a channel can write strongly and still forget slowly. B and C start 3x larger."""
+        self._init_step_sizes(1e-2, 1.0)
+        self.A_log.copy_(torch.linspace(math.log(1e-3), 0.0, self.d_state).expand_as(self.A_log))
+        self.x_proj.weight[self.dt_rank:] *= 3.0
+
+    @torch.no_grad()
+    def high_pass_(self) -> None:
+        """Half the channels' conv becomes a difference filter (this input minus the last, no bias)
+        and step sizes start independent of the input: in those channels a constant input writes
+        nothing after its first step, so a long run of uninformative steps does not bury a cue."""
+        half = self.conv.out_channels // 2
+        self.conv.weight[:half] = 0.0
+        self.conv.weight[:half, 0, -1] = 1.0
+        self.conv.weight[:half, 0, -2] = -1.0
+        self.conv.bias[:half] = 0.0
+        self.dt_proj.weight.zero_()
 
     def forward(self, x: torch.Tensor, conv_state: Optional[torch.Tensor] = None,
                 ssm_state: Optional[torch.Tensor] = None, log_dict: Optional[dict] = None,
@@ -81,8 +106,15 @@ class MambaMixer(nn.Module):
         return self.out_proj((y * F.silu(z.float())).to(x.dtype))
 
 
+# "paper": the paper's initialisation. "long_memory": MambaMixer.long_horizons_ and high_pass_,
+# for recall across hundreds of steps of noise (BENCHMARKS.md, benchmarks/mamba_init.py).
+SSM_INITS = ("paper", "long_memory")
+
+
 class MambaTrajEncoder(TrajEncoder):
     """Linear -> n_layers x (x + MambaMixer(norm(x))) -> norm.
+
+    ``ssm_init`` (keyword-only, beyond the spec's signature) picks one of SSM_INITS.
 
     State: ``{"conv": [B, n_layers, d_inner, d_conv-1], "ssm": [B, n_layers, d_inner, d_state]}``,
     zeros at the start of an episode. With ``in_place=True`` (inference, no autograd) a one-step
@@ -90,14 +122,20 @@ class MambaTrajEncoder(TrajEncoder):
     """
 
     def __init__(self, tstep_dim: int, max_seq_len: int, d_model: int = 256, d_state: int = 16,
-                 d_conv: int = 4, expand: int = 2, n_layers: int = 3, norm: str = "layer"):
+                 d_conv: int = 4, expand: int = 2, n_layers: int = 3, norm: str = "layer", *,
+                 ssm_init: str = "paper"):
         super().__init__(tstep_dim, max_seq_len)
         check_positive(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, n_layers=n_layers)
+        check_choice("ssm_init", ssm_init, SSM_INITS)
         self.d_model, self.d_state, self.d_conv, self.n_layers = d_model, d_state, d_conv, n_layers
         self.d_inner = expand * d_model
         self.inp = nn.Linear(tstep_dim, d_model)
         self.norms = nn.ModuleList(make_norm(norm, d_model) for _ in range(n_layers))
         self.mixers = nn.ModuleList(MambaMixer(d_model, d_state, d_conv, expand) for _ in range(n_layers))
+        if ssm_init == "long_memory":
+            for mixer in self.mixers:
+                mixer.long_horizons_()
+                mixer.high_pass_()
         self.out_norm = make_norm(norm, d_model)
 
     @property
