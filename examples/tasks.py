@@ -107,7 +107,7 @@ def _long_recall(delay: int, max_seq_len: int, minibatch_size: int, tuned: tuple
     minibatches of about 10 episodes. Linear timestep encoder and heads (RLlib's LSTM's heads are
     linear too): at delay 400, with the default MLPs the Transformer learned on 2 of 3 seeds
     within 1M env steps, with linear ones on 3 of 3 in under half the env steps (BENCHMARKS.md;
-    benchmarks/recall_ppo.py, without RLlib).
+    benchmarks/recall_ppo.py, without RLlib). Mamba runs LONG_RECALL_MAMBA here.
     """
     episode = delay + 2
     return Task(
