@@ -21,9 +21,9 @@ from rllib_trajenc.nets.selective_scan import run_causal_conv1d, run_selective_s
 class MambaMixer(nn.Module):
     """One Mamba block: gated (conv -> selective SSM) branch, as in Fig. 3 of the paper."""
 
-    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int,
-                 dt_min: float = 1e-3, dt_max: float = 1e-1):
-        """Initialised as in the paper; ``long_memory_`` re-initialises for long recall."""
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int):
+        """Initialised as in the paper; ``long_horizons_`` and ``high_pass_`` re-initialise it for
+        long recall."""
         super().__init__()
         d_inner = expand * d_model
         self.d_state, self.dt_rank = d_state, math.ceil(d_model / 16)
@@ -33,7 +33,7 @@ class MambaMixer(nn.Module):
         self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, d_inner)
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        self._init_step_sizes(dt_min, dt_max)
+        self._init_step_sizes(1e-3, 1e-1)
         # S4D-real init: A = -(1, 2, ..., d_state) for every channel, kept negative via A = -exp(A_log).
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
