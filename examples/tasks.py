@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import gymnasium as gym
 import ray
@@ -28,15 +28,17 @@ class Task:
     # AlgorithmConfig.env_runners() settings the task needs (every contender gets them).
     env_runners: dict[str, Any] = field(default_factory=dict)
     encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Other model_config keys (with_traj_encoder's keyword arguments) for all of our encoders.
+    # Other model_config keys (with_traj_encoder's keyword arguments) for all of our encoders,
+    # and for one of them only (overriding those).
     module: dict[str, Any] = field(default_factory=dict)
+    encoder_module: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Encoders whose recorded run (README table, docs/results/) reached target_return with
     # these settings; the others run with the same settings but carry no such promise.
     tuned: tuple[str, ...] = ()
 
     def traj_encoder_kwargs(self, encoder: str) -> dict[str, Any]:
         """with_traj_encoder's keyword arguments for one of our encoders on this task."""
-        return {"max_seq_len": self.max_seq_len, **self.module,
+        return {"max_seq_len": self.max_seq_len, **self.module, **self.encoder_module.get(encoder, {}),
                 "encoder_config": {**SMALL_ENCODERS[encoder], **self.encoders.get(encoder, {})}}
 
 
@@ -92,9 +94,14 @@ DELAYED_RECALL_PPO: dict[str, Any] = {"gamma": 0.999, "lambda_": 0.99, "entropy_
 # before each block, which would rescale every blank step's noise to the cue's size
 # (benchmarks/mamba_init.py).
 LONG_RECALL_MAMBA: dict[str, Any] = {"norm": "none", "ssm_init": "long_memory"}
+# At delay 400, also a timestep encoder that learns 10x faster, so the input weights single out
+# the cue among the noise features early: without it Mamba stayed at chance within 1M env steps
+# (BENCHMARKS.md). delayed_recall_100 was recorded without it.
+LONG_RECALL_MAMBA_MODULE: dict[str, Any] = {"tstep_input_gain": 10.0}
 
 
-def _long_recall(delay: int, max_seq_len: int, minibatch_size: int, tuned: tuple[str, ...] = ()) -> Task:
+def _long_recall(delay: int, max_seq_len: int, minibatch_size: int, tuned: tuple[str, ...] = (),
+                 mamba_module: Optional[dict[str, Any]] = None) -> Task:
     """DelayedRecall with the cue ``delay`` steps back, in a window (``max_seq_len``) covering it.
 
     Fragments of exactly one episode per env make every episode one whole learner row: a row cut
@@ -107,7 +114,8 @@ def _long_recall(delay: int, max_seq_len: int, minibatch_size: int, tuned: tuple
     minibatches of about 10 episodes. Linear timestep encoder and heads (RLlib's LSTM's heads are
     linear too): at delay 400, with the default MLPs the Transformer learned on 2 of 3 seeds
     within 1M env steps, with linear ones on 3 of 3 in under half the env steps (BENCHMARKS.md;
-    benchmarks/recall_ppo.py, without RLlib). Mamba runs LONG_RECALL_MAMBA here.
+    benchmarks/recall_ppo.py, without RLlib). Mamba runs LONG_RECALL_MAMBA here, with
+    ``mamba_module`` (its other model_config keys) besides.
     """
     episode = delay + 2
     return Task(
@@ -117,7 +125,8 @@ def _long_recall(delay: int, max_seq_len: int, minibatch_size: int, tuned: tuple
         ppo={"gamma": 0.5, "lambda_": 0.9, "lr": 1e-3, "entropy_coeff": 0.003,
              "train_batch_size_per_learner": 32 * episode, "minibatch_size": minibatch_size},
         encoders={"transformer": {"pos_emb": "rope"}, "mamba": LONG_RECALL_MAMBA},
-        module={"tstep_hiddens": [], "head_hiddens": []}, tuned=tuned)
+        module={"tstep_hiddens": [], "head_hiddens": []},
+        encoder_module={"mamba": mamba_module or {}}, tuned=tuned)
 
 
 TASKS: dict[str, Task] = {
@@ -133,8 +142,10 @@ TASKS: dict[str, Task] = {
         ppo=DELAYED_RECALL_PPO, tuned=("transformer",)),
     # delayed_recall's delay with the long-recall settings below.
     "delayed_recall_100": _long_recall(100, max_seq_len=128, minibatch_size=1024, tuned=("mamba",)),
-    "delayed_recall_400": _long_recall(400, max_seq_len=512, minibatch_size=4096, tuned=("transformer",)),
-    "delayed_recall_1000": _long_recall(1000, max_seq_len=1024, minibatch_size=10_240),
+    "delayed_recall_400": _long_recall(400, max_seq_len=512, minibatch_size=4096, tuned=("transformer",),
+                                       mamba_module=LONG_RECALL_MAMBA_MODULE),
+    "delayed_recall_1000": _long_recall(1000, max_seq_len=1024, minibatch_size=10_240,
+                                        mamba_module=LONG_RECALL_MAMBA_MODULE),
     "popgym_repeat_previous_easy": Task(
         env="RepeatPreviousEasy", make_env=_popgym("RepeatPreviousEasy"), env_config={},
         target_return=0.9, max_env_steps=600_000, max_seq_len=64,

@@ -195,6 +195,8 @@ BAD_MODEL_CONFIGS = [
     (dict(traj_encoder_config={"d_hidden": 0}), r"d_hidden=0 must be a positive int"),
     (dict(head_hiddens=[16, -1]), r"head_hiddens\[1\]=-1 must be a positive int"),
     (dict(activation="swish"), r"activation='swish' is not supported; choose one of"),
+    (dict(tstep_input_gain=0), r"tstep_input_gain=0 must be a positive number"),
+    (dict(tstep_input_gain="10"), r"tstep_input_gain='10' must be a positive number"),
 ]
 
 

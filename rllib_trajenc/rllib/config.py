@@ -65,6 +65,9 @@ class TrajEncoderModelConfig:
     prev_action: bool = False
     prev_reward: bool = False
     time_scale: Optional[float] = None
+    # The timestep encoder's first layer learns this many times faster (tstep_encoder.MLP's
+    # input_gain), for inputs where a few features matter among noisy ones.
+    tstep_input_gain: float = 1.0
 
     @classmethod
     def valid_keys(cls) -> list[str]:
@@ -99,6 +102,10 @@ class TrajEncoderModelConfig:
                                             or not self.time_scale > 0):
             raise ValueError(f"time_scale={self.time_scale!r} must be a positive number "
                              "(about the episode-length limit) or None for no time feature")
+        if isinstance(self.tstep_input_gain, bool) or not isinstance(self.tstep_input_gain, (int, float)) \
+                or not self.tstep_input_gain > 0:
+            raise ValueError(f"tstep_input_gain={self.tstep_input_gain!r} must be a positive number "
+                             "(1.0: the timestep encoder learns at the optimizer's rate)")
         _check_encoder_kwargs(self.traj_encoder_cls, self.traj_encoder_config)
 
     def build_traj_encoder(self) -> TrajEncoder:

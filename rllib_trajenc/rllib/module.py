@@ -108,7 +108,7 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         self.action_dist_cls, n_dist_inputs = action_dist_for(self.action_space)
         _check_obs_space(cfg, self.observation_space)
         self.tstep_encoder = TstepEncoder(self.observation_space, cfg.tstep_dim, cfg.tstep_hiddens,
-                                          cfg.activation, cfg.time_scale)
+                                          cfg.activation, cfg.time_scale, cfg.tstep_input_gain)
         self.traj_encoder = cfg.build_traj_encoder()
         # Encoders of this package (and custom ones that take the keyword) update the state in
         # place on rollouts; others get the plain call.

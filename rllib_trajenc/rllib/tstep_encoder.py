@@ -24,18 +24,30 @@ Path = tuple[Union[str, int], ...]
 
 
 class MLP(nn.Module):
-    """Linear layers with an activation between them (none after the last)."""
+    """Linear layers with an activation between them (none after the last).
 
-    def __init__(self, in_dim: int, hiddens: Sequence[int], out_dim: int, activation: str):
+    ``input_gain`` g: the first layer computes g * (W x + b) with W and b initialised / g, the
+    same function at initialisation. Adam's steps do not scale with the gradient, so that layer's
+    effective weights move g times faster than the others': the input weights can single out the
+    informative features (and leave per-step noise out of a recurrent state) early in training.
+    """
+
+    def __init__(self, in_dim: int, hiddens: Sequence[int], out_dim: int, activation: str,
+                 input_gain: float = 1.0):
         super().__init__()
         sizes = [in_dim, *hiddens, out_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.act = get_activation(activation)
+        self.input_gain = input_gain
+        with torch.no_grad():
+            self.layers[0].weight.div_(input_gain)
+            self.layers[0].bias.div_(input_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers[:-1]:
-            x = self.act(layer(x))
-        return self.layers[-1](x)
+        x = self.layers[0](x) * self.input_gain
+        for layer in self.layers[1:]:
+            x = layer(self.act(x))
+        return x
 
 
 class _Leaf(nn.Module, ABC):
@@ -125,18 +137,18 @@ class TstepEncoder(nn.Module):
     """Observation (any supported space, nested like the space) -> [*lead, tstep_dim].
 
     With ``time_scale`` set, ``t / time_scale`` (t = the step's episode time index) joins the
-    observation features before the MLP.
+    observation features before the MLP; ``input_gain`` is the MLP's.
     """
 
     def __init__(self, obs_space: gym.Space, tstep_dim: int, hiddens: Sequence[int], activation: str,
-                 time_scale: Optional[float] = None):
+                 time_scale: Optional[float] = None, input_gain: float = 1.0):
         super().__init__()
         paths, leaves = zip(*_leaves(obs_space, activation))
         self.paths: list[Path] = list(paths)
         self.leaves = nn.ModuleList(leaves)
         self.time_scale = time_scale
         n_features = sum(leaf.out_dim for leaf in leaves) + (time_scale is not None)
-        self.mlp = MLP(n_features, hiddens, tstep_dim, activation)
+        self.mlp = MLP(n_features, hiddens, tstep_dim, activation, input_gain)
 
     def lead_shape(self, obs: Any) -> torch.Size:
         """The (batch,) or (batch, time) dims in front of the observations."""
