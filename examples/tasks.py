@@ -142,7 +142,7 @@ TASKS: dict[str, Task] = {
         ppo=DELAYED_RECALL_PPO, tuned=("transformer",)),
     # delayed_recall's delay with the long-recall settings below.
     "delayed_recall_100": _long_recall(100, max_seq_len=128, minibatch_size=1024, tuned=("mamba",)),
-    "delayed_recall_400": _long_recall(400, max_seq_len=512, minibatch_size=4096, tuned=("transformer",),
+    "delayed_recall_400": _long_recall(400, max_seq_len=512, minibatch_size=4096, tuned=("mamba", "transformer"),
                                        mamba_module=LONG_RECALL_MAMBA_MODULE),
     "delayed_recall_1000": _long_recall(1000, max_seq_len=1024, minibatch_size=10_240,
                                         mamba_module=LONG_RECALL_MAMBA_MODULE),
