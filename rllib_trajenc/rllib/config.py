@@ -97,15 +97,11 @@ class TrajEncoderModelConfig:
         for key in ("prev_action", "prev_reward"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key}={getattr(self, key)!r} must be True or False")
-        if self.time_scale is not None and (isinstance(self.time_scale, bool)
-                                            or not isinstance(self.time_scale, (int, float))
-                                            or not self.time_scale > 0):
-            raise ValueError(f"time_scale={self.time_scale!r} must be a positive number "
-                             "(about the episode-length limit) or None for no time feature")
-        if isinstance(self.tstep_input_gain, bool) or not isinstance(self.tstep_input_gain, (int, float)) \
-                or not self.tstep_input_gain > 0:
-            raise ValueError(f"tstep_input_gain={self.tstep_input_gain!r} must be a positive number "
-                             "(1.0: the timestep encoder learns at the optimizer's rate)")
+        if self.time_scale is not None:
+            _check_positive_number("time_scale", self.time_scale,
+                                   "(about the episode-length limit) or None for no time feature")
+        _check_positive_number("tstep_input_gain", self.tstep_input_gain,
+                               "(1.0: the timestep encoder learns at the optimizer's rate)")
         _check_encoder_kwargs(self.traj_encoder_cls, self.traj_encoder_config)
 
     def build_traj_encoder(self) -> TrajEncoder:
@@ -131,6 +127,11 @@ def _resolve_encoder(choice: EncoderChoice) -> type[TrajEncoder]:
         f"traj_encoder={choice!r} is not supported; choose one of {encoder_names()} "
         "(see register_traj_encoder) or pass a TrajEncoder subclass"
     )
+
+
+def _check_positive_number(key: str, value: Any, what_else: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{key}={value!r} must be a positive number {what_else}")
 
 
 def _int_tuple(key: str, value: Any) -> tuple[int, ...]:
