@@ -59,5 +59,7 @@ def test_a_tasks_module_settings_reach_the_module_in_both_scripts():
         assert [len(net.layers) for net in (module.tstep_encoder.mlp, module.pi, module.vf)] == [1, 1, 1]
         assert spec.model_config["traj_encoder_config"]["pos_emb"] == "rope"
         assert module.tstep_encoder.mlp.input_gain == 1.0
-    mamba = build(task, "mamba", seed=0, envs=2).rl_module_spec.model_config
-    assert mamba["tstep_input_gain"] == 10.0 and mamba["traj_encoder_config"]["ssm_init"] == "long_memory"
+    spec = build(task, "mamba", seed=0, envs=2).rl_module_spec
+    spec.observation_space, spec.action_space = env.observation_space, env.action_space
+    assert spec.build().tstep_encoder.mlp.input_gain == 10.0
+    assert spec.model_config["traj_encoder_config"]["ssm_init"] == "long_memory"
