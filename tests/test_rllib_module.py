@@ -197,6 +197,8 @@ BAD_MODEL_CONFIGS = [
     (dict(activation="swish"), r"activation='swish' is not supported; choose one of"),
     (dict(tstep_input_gain=0), r"tstep_input_gain=0 must be a positive number"),
     (dict(tstep_input_gain="10"), r"tstep_input_gain='10' must be a positive number"),
+    (dict(amp="fp16"), r"amp='fp16' is not supported; choose one of \[None, 'bf16'\]"),
+    (dict(fused_kernels="no"), r"fused_kernels='no' must be True or False"),
 ]
 
 

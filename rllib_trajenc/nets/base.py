@@ -15,6 +15,11 @@ from rllib_trajenc.nets.layers import check_positive
 # the RLlib adapter pass the state through STATE_IN/STATE_OUT without knowing the model.
 HiddenState = dict[str, torch.Tensor]
 
+# Where an encoder runs a fused CUDA kernel, ``last_backends`` names what its last forward used,
+# under these keys: "scan_backend" ("mamba_ssm" | "pytorch"), "conv_backend" ("causal_conv1d" |
+# "pytorch"), "attention_backend" ("flash_attn" | "flash_attn_varlen" | "sdpa" | "vanilla").
+Backends = dict[str, str]
+
 
 class TrajEncoder(nn.Module, ABC):
     """Maps a sequence of timestep embeddings [B, T, tstep_dim] to [B, T, emb_dim].
@@ -29,6 +34,12 @@ class TrajEncoder(nn.Module, ABC):
     ``in_place=True`` (keyword, inference only) lets the encoder update the state passed in and
     return it instead of a new one, so a rollout step need not copy a large state (the
     Transformer's KV cache); the caller must not reuse the state it passed.
+
+    ``fused_kernels`` (default True) lets an encoder use optional fused kernels (mamba-ssm,
+    causal-conv1d, flash-attn) where they are installed and the inputs suit them; False forces the
+    pure-PyTorch reference path, which computes the same function. ``last_backends`` names the
+    backends the last forward ran (see ``Backends``); ``kernel_backends`` those a training forward
+    would pick for a device and dtype.
     """
 
     def __init__(self, tstep_dim: int, max_seq_len: int):
@@ -36,6 +47,13 @@ class TrajEncoder(nn.Module, ABC):
         check_positive(tstep_dim=tstep_dim, max_seq_len=max_seq_len)
         self.tstep_dim = tstep_dim
         self.max_seq_len = max_seq_len
+        self.fused_kernels = True
+        self.last_backends: Backends = {}
+
+    def kernel_backends(self, device: torch.device, dtype: torch.dtype) -> Backends:
+        """The backends a training forward from a carried state would use on ``device`` with
+        activations of ``dtype`` ({} for encoders without fused kernels)."""
+        return {}
 
     @property
     @abstractmethod

@@ -31,6 +31,9 @@ _RLLIB_KEYS = frozenset(f.name for f in dataclasses.fields(DefaultModelConfig)) 
 
 EncoderChoice = Union[str, type[TrajEncoder]]
 
+# model_config["amp"]: the autocast dtype of the learner's encoder pass, by name.
+AMP_MODES: dict[Optional[str], Optional[torch.dtype]] = {None: None, "bf16": torch.bfloat16}
+
 
 def register_traj_encoder(name: str, cls: type[TrajEncoder]) -> None:
     """Makes ``model_config["traj_encoder"] = name`` build ``cls``."""
@@ -68,6 +71,11 @@ class TrajEncoderModelConfig:
     # The timestep encoder's first layer learns this many times faster (tstep_encoder.MLP's
     # input_gain), for inputs where a few features matter among noisy ones.
     tstep_input_gain: float = 1.0
+    # "bf16": the learner runs the trajectory encoder under bf16 autocast (the scans keep fp32
+    # state; heads, values and the loss stay fp32); env runners always act in fp32.
+    amp: Optional[str] = None
+    # False forces the pure-PyTorch reference path even where fused kernels are installed.
+    fused_kernels: bool = True
 
     @classmethod
     def valid_keys(cls) -> list[str]:
@@ -94,7 +102,7 @@ class TrajEncoderModelConfig:
         check_positive(**{f"tstep_hiddens[{i}]": h for i, h in enumerate(self.tstep_hiddens)})
         check_positive(**{f"head_hiddens[{i}]": h for i, h in enumerate(self.head_hiddens)})
         check_choice("activation", self.activation, ACTIVATIONS)
-        for key in ("prev_action", "prev_reward"):
+        for key in ("prev_action", "prev_reward", "fused_kernels"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key}={getattr(self, key)!r} must be True or False")
         if self.time_scale is not None:
@@ -102,10 +110,14 @@ class TrajEncoderModelConfig:
                                    "(about the episode-length limit) or None for no time feature")
         _check_positive_number("tstep_input_gain", self.tstep_input_gain,
                                "(1.0: the timestep encoder learns at the optimizer's rate)")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp={self.amp!r} is not supported; choose one of {list(AMP_MODES)} "
+                             "(None: fp32 everywhere; 'bf16': the learner's encoder under bf16 autocast)")
         _check_encoder_kwargs(self.traj_encoder_cls, self.traj_encoder_config)
 
     def build_traj_encoder(self) -> TrajEncoder:
         encoder = self.traj_encoder_cls(self.tstep_dim, self.max_seq_len, **self.traj_encoder_config)
+        encoder.fused_kernels = self.fused_kernels
         if self.time_scale is not None and not keeps_state(encoder):
             # A stateless module gets no STATE_IN, so it never learns the episode step.
             raise ValueError(f"time_scale={self.time_scale!r} needs an encoder with memory; "

@@ -35,7 +35,7 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID
 
 from rllib_trajenc.nets.base import HiddenState, TrajEncoder
-from rllib_trajenc.rllib.config import TrajEncoderModelConfig
+from rllib_trajenc.rllib.config import AMP_MODES, TrajEncoderModelConfig
 from rllib_trajenc.rllib.prev_action_reward import PREV_ACTION, PREV_REWARD
 from rllib_trajenc.rllib.rollout_state import RolloutState
 from rllib_trajenc.rllib.tstep_encoder import MLP, TstepEncoder
@@ -94,6 +94,18 @@ def _check_obs_space(cfg: TrajEncoderModelConfig, space: gym.Space) -> None:
             "prev_reward=...), which installs the connector piece that adds them")
 
 
+def _compile_where_rllib_skipped(module: TorchRLModule, learner: Learner) -> None:
+    """Compiles ``module``'s forward passes when the learner was asked to but did not.
+
+    RLlib 2.60's TorchLearner.build, with ``torch_compile_learner=True`` (what_to_compile
+    "forward_train", the default), loops over the MultiRLModule's modules but tests the
+    MultiRLModule itself for being a TorchRLModule, so it compiles no module and training runs
+    eager. The learner's first minibatch then runs eager; every later one runs compiled.
+    """
+    if getattr(learner, "_torch_compile_forward_train", False) and "_forward_train" not in vars(module):
+        module.compile(learner._torch_compile_cfg)
+
+
 class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, InferenceOnlyAPI,
                           SelfSupervisedLossAPI):
     """Actor-critic RLModule around any TrajEncoder; see TrajEncoderModelConfig for its model_config.
@@ -110,6 +122,7 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         self.tstep_encoder = TstepEncoder(self.observation_space, cfg.tstep_dim, cfg.tstep_hiddens,
                                           cfg.activation, cfg.time_scale, cfg.tstep_input_gain)
         self.traj_encoder = cfg.build_traj_encoder()
+        self._amp_dtype = AMP_MODES[cfg.amp]  # autocast dtype of the learner's encoder pass, or None
         # Encoders of this package (and custom ones that take the keyword) update the state in
         # place on rollouts; others get the plain call.
         self._encoder_updates_in_place = "in_place" in inspect.signature(self.traj_encoder.forward).parameters
@@ -136,8 +149,9 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
 
     @override(TorchRLModule)
     def _forward(self, batch: dict[str, Any], *, keep_embeddings: bool = False,
-                 log_dict: Optional[dict[str, torch.Tensor]] = None, **kwargs) -> dict[str, Any]:
-        embeddings, state_out = self._encode(batch, self.tstep_encoder, self.traj_encoder, log_dict)
+                 log_dict: Optional[dict[str, torch.Tensor]] = None, amp: bool = False,
+                 **kwargs) -> dict[str, Any]:
+        embeddings, state_out = self._encode(batch, self.tstep_encoder, self.traj_encoder, log_dict, amp)
         out = {Columns.ACTION_DIST_INPUTS: self.pi(embeddings)}
         if state_out:
             out[Columns.STATE_OUT] = state_out
@@ -170,7 +184,7 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         # The loss hands the embeddings to compute_values, sparing a second encoder pass, and
         # the diagnostics to the learner's metrics (see compute_self_supervised_loss).
         diagnostics: dict[str, torch.Tensor] = {}
-        out = self._forward(batch, keep_embeddings=True, log_dict=diagnostics, **kwargs)
+        out = self._forward(batch, keep_embeddings=True, log_dict=diagnostics, amp=True, **kwargs)
         out[DIAGNOSTICS] = diagnostics
         return out
 
@@ -184,11 +198,16 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         the learner, whose MetricsLogger ends up in ``algo.train()["learners"][module_id]``.
         Using it as a pass-through lets the diagnostics of this very forward_train be logged
         for any algorithm whose Learner keeps RLlib's ``compute_losses`` (PPO, APPO, IMPALA,
-        ...) without a Learner subclass per algorithm. They are averaged over the minibatches
+        ...) without a Learner subclass per algorithm. The kernel backends the encoder ran
+        (``TrajEncoder.last_backends``) are logged as ``traj_encoder/<kind>``, e.g.
+        ``traj_encoder/scan_backend: "mamba_ssm"``. They are averaged over the minibatches
         of one training iteration. (RLlib's OfflineEvaluationRunner, which calls this hook too
         but has no ``compute_loss_for_module``, cannot evaluate this module.)
         """
+        _compile_where_rllib_skipped(self, learner)
         learner.metrics.log_dict(fwd_out[DIAGNOSTICS], key=module_id, reduce="mean")
+        for kind, backend in self.traj_encoder.last_backends.items():
+            learner.metrics.log_value((module_id, f"traj_encoder/{kind}"), backend, reduce="item")
         return learner.compute_loss_for_module(module_id=module_id, config=config, batch=batch,
                                                fwd_out=fwd_out, **kwargs)
 
@@ -199,7 +218,8 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
             # no dropout noise in the targets, and no train-mode side effect (e.g. sigma-reparam's
             # power step) that would make the next forward_train differ from the env runner.
             with _eval_mode(self):
-                embeddings, _ = self._encode(batch, self.tstep_encoder, self.traj_encoder)
+                embeddings, _ = self._encode(batch, self.tstep_encoder, self.traj_encoder,
+                                             amp=not self.inference_only)
         return self.vf(embeddings).squeeze(-1)
 
     @override(TargetNetworkAPI)
@@ -222,12 +242,14 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         return ["vf", *(f"_old_{name}" for name in _TARGETED)]
 
     def _encode(self, batch: dict[str, Any], tstep_encoder: TstepEncoder, traj_encoder: TrajEncoder,
-                log_dict: Optional[dict[str, torch.Tensor]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Obs [B, (T,) ...] -> embeddings [B, (T,) emb_dim] and the state after the last step
+                log_dict: Optional[dict[str, torch.Tensor]] = None,
+                amp: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Obs [B, (T,) ...] -> fp32 embeddings [B, (T,) emb_dim] and the state after the last step
         ({} when the running states live in the module's RolloutState, updated in place).
 
         Sequences continue from STATE_IN when the batch has one, else start an episode. The
-        traj encoder writes its diagnostics into ``log_dict`` when one is given.
+        traj encoder writes its diagnostics into ``log_dict`` when one is given, and runs under
+        autocast when ``amp`` and model_config["amp"] ask for it.
         """
         obs = batch[Columns.OBS]
         lead = tstep_encoder.lead_shape(obs)  # (B,) on env runners without a time dim, else (B, T)
@@ -238,7 +260,9 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         time_idxs = (t0.view(-1, 1) + torch.arange(steps, device=t0.device)).unsqueeze(-1)
         x = tstep_encoder(obs, time_idxs.view(*lead, 1)).reshape(lead[0], steps, -1)
         in_place = {"in_place": True} if rollout is not None and self._encoder_updates_in_place else {}
-        out, hidden = traj_encoder(x, time_idxs, hidden_state=hidden, log_dict=log_dict, **in_place)
+        with torch.autocast(x.device.type, dtype=self._amp_dtype, enabled=amp and self._amp_dtype is not None):
+            out, hidden = traj_encoder(x, time_idxs, hidden_state=hidden, log_dict=log_dict, **in_place)
+        out = out.float()  # heads, values and the loss stay fp32 under amp
         state_out = self._state_from_encoder(hidden, t0 + steps)
         if rollout is not None:
             rollout.update(state_out)

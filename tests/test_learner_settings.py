@@ -1,0 +1,92 @@
+"""The learner-side settings: ``amp``, ``fused_kernels``, the backends in the learner's metrics, and
+RLlib's ``torch_compile_learner``."""
+from __future__ import annotations
+
+import pytest
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
+from ray.rllib.utils.metrics import LEARNER_RESULTS
+
+from conftest import ENCODERS, build_module, ppo_config, sample_and_recompute, with_small_encoder
+
+STATEFUL = [name for name in ENCODERS if name != "ff"]
+# What the reference path reports on CPU, where no fused kernel is installed.
+REFERENCE_BACKENDS = {
+    "gru": {}, "ff": {},
+    "mamba": {"scan_backend": "pytorch", "conv_backend": "pytorch"},
+    "transformer": {"attention_backend": "sdpa"},
+}
+
+
+def learner_batch(encoder: str, **model_config) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
+    """A train batch of rows that carry state (PPO on StatelessCartPole) and a module of the
+    given settings with the sampling module's weights."""
+    algo = with_small_encoder(ppo_config(), encoder).build_algo()
+    try:
+        _, batch, module = sample_and_recompute(algo)
+    finally:
+        algo.stop()
+    other = build_module(encoder=encoder, **model_config)
+    other.load_state_dict(module.state_dict())
+    return batch, module, other
+
+
+@pytest.mark.parametrize("encoder", STATEFUL)
+def test_amp_runs_the_learners_encoder_in_bf16_and_the_rest_in_fp32(ray_session, encoder):
+    batch, module, amp_module = learner_batch(encoder, amp="bf16")
+    seen = {}
+    amp_module.traj_encoder.register_forward_hook(lambda m, args, out: seen.update(dtype=out[0].dtype))
+    out, ref = amp_module.forward_train(batch), module.forward_train(batch)
+    assert seen["dtype"] == torch.bfloat16
+    for key in (Columns.ACTION_DIST_INPUTS, Columns.EMBEDDINGS):
+        assert out[key].dtype == torch.float32
+        error = (out[key] - ref[key]).abs().max().item()
+        assert 0 < error < 0.1, (key, error)  # bf16 rounding: different, but close
+    assert amp_module.compute_values(batch, out[Columns.EMBEDDINGS]).dtype == torch.float32
+    if encoder == "mamba":  # the scan keeps its state in fp32
+        assert {out[Columns.STATE_OUT][k].dtype for k in ("conv", "ssm")} == {torch.float32}
+    # Env runners act in fp32: the rollout pass is the fp32 module's, bit for bit.
+    rollout = {Columns.OBS: batch[Columns.OBS][:, 0], Columns.STATE_IN: batch[Columns.STATE_IN]}
+    assert torch.equal(amp_module.forward_inference(rollout)[Columns.ACTION_DIST_INPUTS],
+                       module.forward_inference(rollout)[Columns.ACTION_DIST_INPUTS])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_kernels_setting_reaches_the_encoder(fused):
+    assert build_module(encoder="mamba", fused_kernels=fused).traj_encoder.fused_kernels is fused
+
+
+def test_repr_names_the_backends_it_would_pick():
+    text = repr(build_module(encoder="mamba", fused_kernels=False))
+    assert "fused_kernels=False" in text and "scan_backend" in text
+
+
+@pytest.mark.parametrize("encoder", ["mamba", "transformer"])
+def test_learner_metrics_name_the_backends_of_the_last_update(ray_session, encoder):
+    algo = with_small_encoder(ppo_config(), encoder).build_algo()
+    try:
+        stats = algo.train()[LEARNER_RESULTS][DEFAULT_MODULE_ID]
+    finally:
+        algo.stop()
+    for kind, backend in REFERENCE_BACKENDS[encoder].items():
+        assert stats[f"traj_encoder/{kind}"] == backend
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_ppo_trains_with_torch_compile_learner(ray_session, encoder):
+    """RLlib 2.60 compiles no module of a MultiRLModule itself (module.py's
+    _compile_where_rllib_skipped does): after one iteration the learner's forward_train is
+    compiled, and a second iteration trains through it."""
+    config = with_small_encoder(ppo_config().framework(torch_compile_learner=True), encoder)
+    algo = config.build_algo()
+    try:
+        algo.train()
+        module = algo.learner_group._learner.module[DEFAULT_MODULE_ID]
+        assert hasattr(vars(module)["_forward_train"], "_torchdynamo_orig_callable")
+        before = [p.detach().clone() for p in module.parameters()]
+        stats = algo.train()[LEARNER_RESULTS][DEFAULT_MODULE_ID]
+        assert torch.isfinite(torch.tensor(stats["total_loss"]))
+        assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+    finally:
+        algo.stop()
