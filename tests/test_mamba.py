@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import rllib_trajenc.nets.selective_scan as ss
 from rllib_trajenc.nets.mamba import MambaTrajEncoder
+from tests.stand_ins import mamba_kernels
 
 TOL = 1e-5
 TSTEP_DIM, MAX_SEQ_LEN = 5, 8
@@ -88,33 +89,150 @@ def test_long_sequence_with_large_steps_stays_finite_and_exact():
     torch.testing.assert_close(last, last_ref, rtol=TOL, atol=TOL)
 
 
-def zero_state_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                    return_last_state=False):
-    """Stand-in with mamba-ssm's ``selective_scan_fn`` contract: zero initial state, and no
-    gradient through the last state."""
-    out = ss.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state)
-    return (out[0], out[1].detach()) if return_last_state else out
-
-
-def causal_conv1d_fn_stand_in(x, weight, bias=None, seq_idx=None, initial_states=None,
-                              return_final_states=False, final_states_out=None, activation=None):
-    """Stand-in with causal-conv1d's ``causal_conv1d_fn`` contract."""
-    assert seq_idx is None and final_states_out is None and activation is None
-    return ss.causal_conv1d(x, weight, bias, initial_states, return_final_states)
-
-
-@pytest.mark.parametrize("length", [1, 300])
-def test_fused_adapter_adds_the_initial_state_in_values_and_gradients(length):
-    """The adapter's initial-state term gives the outputs, and their gradients (the initial
-    state's included), of a scan that starts from that state."""
-    args, kwargs = scan_inputs(length, full=True, delta_mean=3.0)
-    y, last = ss.fused_selective_scan(zero_state_scan, *args, **kwargs, return_last_state=True)
+@pytest.mark.parametrize("length", [1, 7, 64, 256])
+@pytest.mark.parametrize("carried", [False, True])
+@pytest.mark.parametrize("large_A", [False, True])
+def test_fused_scan_equals_reference_in_values_and_gradients(length, carried, large_A):
+    """The pseudo-step prefix gives the outputs, last state and every gradient (the initial
+    state's included) of a scan from that state. With |A_0| = 1000 and Δ ~3, a fixed prefix step
+    of 1e-2 would overflow: u_0's compensation exp(1e-2 * 1000 * 15) is inf in fp32."""
+    d_state = 16 if large_A else 3
+    args, kwargs = scan_inputs(length, full=True, d_state=d_state, delta_mean=3.0 if large_A else 0.0)
+    if large_A:
+        args[2] = (-torch.logspace(3, -1, d_state)).repeat(5, 1).requires_grad_(True)  # |A_0| = 1000
+    if not carried:
+        del kwargs["initial_state"]
+    y, last = ss.fused_selective_scan(mamba_kernels.selective_scan_fn, *args, **kwargs, return_last_state=True)
     y_ref, last_ref = ss.selective_scan(*args, **kwargs, return_last_state=True)
     assert max_err(y, y_ref) <= TOL and max_err(last, last_ref) <= TOL
     leaves = [t for t in [*args, *kwargs.values()] if torch.is_tensor(t)]
     gy = torch.randn_like(y)  # through y only: the kernel's last state has no gradient by contract
     for g, g_ref in zip(torch.autograd.grad((y * gy).sum(), leaves),
                         torch.autograd.grad((y_ref * gy).sum(), leaves)):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=TOL)
+
+
+def test_backprop_into_the_fused_last_state_raises():
+    """The kernel drops the last state's gradient; rather than lose it silently, backward raises."""
+    args, kwargs = scan_inputs(6, full=True)
+    y, last = ss.fused_selective_scan(mamba_kernels.selective_scan_fn, *args, **kwargs, return_last_state=True)
+    with pytest.raises(RuntimeError, match="last state of mamba-ssm's fused selective scan has no gradient"):
+        (y.sum() + last.sum()).backward()
+
+
+def largest_saved_numel(fn) -> int:
+    """The numel of the largest tensor autograd saves for backward while ``fn()`` runs."""
+    sizes = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return max(sizes)
+
+
+def test_fused_scan_from_a_state_saves_nothing_state_sized():
+    """batch * d_inner * L * d_state = 65536 elements, while every legit saved tensor has at most
+    batch * d_inner * (d_state + L) = 5120: the check fails on any [batch, d_inner, L, d_state]
+    tensor kept for backward, as the old adapter's exp(A cumsum Δ) h0 term was (shown below)."""
+    batch, d_inner, length, d_state = 2, 32, 64, 16
+    args, kwargs = scan_inputs(length, full=True, batch=batch, d_inner=d_inner, d_state=d_state)
+    limit = batch * d_inner * length * d_state
+    fused = largest_saved_numel(lambda: ss.fused_selective_scan(mamba_kernels.selective_scan_fn, *args, **kwargs))
+    assert 0 < fused < limit
+    u, delta, A, B, C = args
+
+    def state_sized_term() -> torch.Tensor:
+        carried = torch.exp(F.softplus(delta).cumsum(-1).unsqueeze(-1) * A[:, None]) * kwargs["initial_state"][:, :, None]
+        return (carried * C.mT[:, None]).sum(-1)
+
+    assert largest_saved_numel(state_sized_term) >= limit
+
+
+def test_fused_scan_from_a_state_runs_in_fp32_under_autocast():
+    """With a state the kernel gets fp32 inputs under autocast too, so fp32 inputs give the
+    reference's fp32 outputs and state."""
+    args, kwargs = scan_inputs(9, full=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, last = ss.fused_selective_scan(mamba_kernels.selective_scan_fn, *args, **kwargs, return_last_state=True)
+    y_ref, last_ref = ss.selective_scan(*args, **kwargs, return_last_state=True)
+    assert y.dtype == last.dtype == torch.float32
+    assert max_err(y, y_ref) <= TOL and max_err(last, last_ref) <= TOL
+
+
+def scan_kernel_args(**change) -> list:
+    """Positional arguments of ``selective_scan_fn`` that the kernel takes, with some changed."""
+    u, delta, A, B, C = (t.detach() for t in scan_inputs(4, full=False)[0])
+    kw = dict(u=u, delta=delta, A=A, B=B, C=C, D=torch.ones(5), z=torch.randn(2, 5, 4), delta_bias=torch.zeros(5))
+    kw.update({k: f(kw) for k, f in change.items()})
+    return list(kw.values())
+
+
+@pytest.mark.parametrize("change", [
+    dict(u=lambda kw: kw["u"].double(), delta=lambda kw: kw["delta"].double(), B=lambda kw: kw["B"].double(),
+         C=lambda kw: kw["C"].double(), z=lambda kw: kw["z"].double()),
+    dict(delta=lambda kw: kw["delta"].bfloat16()),
+    dict(B=lambda kw: kw["B"].half()),
+    dict(z=lambda kw: kw["z"].bfloat16()),
+    dict(A=lambda kw: kw["A"].bfloat16()),
+    dict(D=lambda kw: kw["D"].half()),
+    dict(delta_bias=lambda kw: kw["delta_bias"].bfloat16()),
+    dict(A=lambda kw: torch.randn(5, 257), B=lambda kw: torch.randn(2, 257, 4), C=lambda kw: torch.randn(2, 257, 4)),
+], ids=["fp64", "delta", "B", "z", "A", "D", "delta_bias", "d_state>256"])
+def test_stand_in_scan_refuses_what_the_kernel_refuses(change):
+    mamba_kernels.selective_scan_fn(*scan_kernel_args())  # the unchanged arguments pass
+    with pytest.raises(RuntimeError):
+        mamba_kernels.selective_scan_fn(*scan_kernel_args(**change))
+
+
+def channel_last(batch: int, dim: int, length: int, pad: int = 0) -> torch.Tensor:
+    """x [batch, dim, length] with stride(1) == 1, cut from a [batch, length, dim + pad] tensor."""
+    return torch.randn(batch, length, dim + pad)[..., :dim].mT
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda: mamba_kernels.causal_conv1d_fn(torch.randn(2, 8, 5), torch.randn(8, 1)), RuntimeError),
+    (lambda: mamba_kernels.causal_conv1d_fn(torch.randn(2, 8, 5), torch.randn(8, 5)), RuntimeError),
+    (lambda: mamba_kernels.causal_conv1d_fn(torch.randn(2, 8, 5), torch.randn(8, 3),
+                                            initial_states=torch.randn(2, 8, 2)), RuntimeError),
+    (lambda: mamba_kernels.causal_conv1d_fn(torch.randn(2, 8, 5), torch.randn(8, 3),
+                                            return_final_states=True), AssertionError),
+    (lambda: mamba_kernels.causal_conv1d_fn(channel_last(2, 8, 5, pad=1), torch.randn(8, 3),
+                                            return_final_states=True), RuntimeError),
+    (lambda: mamba_kernels.causal_conv1d_fn(channel_last(2, 12, 5), torch.randn(12, 3),
+                                            return_final_states=True), RuntimeError),
+    (lambda: mamba_kernels.causal_conv1d_fn(channel_last(2, 8, 5), torch.randn(8, 3),
+                                            initial_states=channel_last(2, 8, 2).bfloat16()), RuntimeError),
+    (lambda: mamba_kernels.causal_conv1d_fn(channel_last(2, 8, 5), torch.randn(8, 3),
+                                            torch.randn(8).half()), RuntimeError),
+], ids=["width 1", "width 5", "state channel-first", "final state channel-first", "stride not 8k",
+        "dim not 8k", "state dtype", "bias dtype"])
+def test_stand_in_conv_refuses_what_the_kernel_refuses(call, error):
+    with pytest.raises(error):
+        call()
+
+
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("layout", ["channel_last", "contiguous", "odd_strides"])
+def test_conv_with_states_on_the_stand_in_kernel_equals_reference(monkeypatch, width, layout):
+    """run_causal_conv1d builds the kernel's channel-last layouts from any input, and its outputs,
+    final state and gradients (the initial state's included) are the PyTorch conv's."""
+    x = {"channel_last": channel_last(2, 16, 7), "contiguous": torch.randn(2, 16, 7),
+         "odd_strides": channel_last(2, 16, 7, pad=3)}[layout].requires_grad_(True)
+    weight, bias = torch.randn(16, width, requires_grad=True), torch.randn(16, requires_grad=True)
+    state = torch.randn(2, 16, width - 1, requires_grad=True)
+    out_ref, final_ref = ss.run_causal_conv1d(x, weight, bias, state, return_final_state=True)
+    calls = mamba_kernels.install(monkeypatch)
+    out, final = ss.run_causal_conv1d(x, weight, bias, state, return_final_state=True)
+    assert calls == ["conv"] and final.stride(1) == 1
+    assert max_err(out, out_ref) <= TOL and torch.equal(final, final_ref)
+    go, gf = torch.randn_like(out), torch.randn_like(final)
+    leaves = [x, weight, bias, state]
+    for g, g_ref in zip(torch.autograd.grad((out * go).sum() + (final * gf).sum(), leaves),
+                        torch.autograd.grad((out_ref * go).sum() + (final_ref * gf).sum(), leaves)):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=TOL)
 
 
@@ -183,24 +301,6 @@ def test_chunks_carrying_state_equal_whole_in_values_and_gradients(config):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=TOL)
 
 
-def use_stand_in_kernels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Dispatches to CPU stand-ins of the fused kernels as if on CUDA; the list names each call."""
-    calls: list[str] = []
-
-    def scan(*args, **kwargs):
-        calls.append("scan")
-        return zero_state_scan(*args, **kwargs)
-
-    def conv(*args, **kwargs):
-        calls.append("conv")
-        return causal_conv1d_fn_stand_in(*args, **kwargs)
-
-    monkeypatch.setattr(ss, "SCAN_KERNEL", scan)
-    monkeypatch.setattr(ss, "CONV_KERNEL", conv)
-    monkeypatch.setattr(ss, "FUSED_DEVICES", ("cpu",))
-    return calls
-
-
 def test_fused_path_with_stand_in_kernels_equals_pytorch_path(monkeypatch):
     """The dispatch to the fused kernels (layouts, initial-state correction) checked on CPU with
     stand-ins: the outputs and states of inference in chunks, and the gradients of a pass from
@@ -220,7 +320,7 @@ def test_fused_path_with_stand_in_kernels_equals_pytorch_path(monkeypatch):
         return torch.autograd.grad((encoder(seq)[0] * weights).sum(), list(encoder.parameters()))
 
     outs, grads = inference(), gradients()
-    calls = use_stand_in_kernels(monkeypatch)
+    calls = mamba_kernels.install(monkeypatch)
     assert all(max_err(a, b) <= TOL for a, b in zip(inference(), outs))
     assert "scan" in calls
     calls.clear()
@@ -229,16 +329,78 @@ def test_fused_path_with_stand_in_kernels_equals_pytorch_path(monkeypatch):
     assert {"scan", "conv"} <= set(calls)
 
 
-def test_state_that_needs_gradients_stays_off_the_scan_kernel(monkeypatch):
-    """mamba-ssm's kernel gives its last state no gradient, so a chunk that carries state while
-    gradients are on takes the PyTorch path (whose gradients the chunked test above checks)."""
-    encoder, seq = make_encoder(CONFIGS[0]), torch.randn(2, 6, TSTEP_DIM)
-    calls = use_stand_in_kernels(monkeypatch)
-    _, state = encoder(seq, hidden_state=encoder.init_hidden_state(2, seq.device))
-    assert "scan" not in calls and state["ssm"].requires_grad
-    with torch.no_grad():
-        encoder(seq, hidden_state=state)
-    assert "scan" in calls
+KERNELS = {"scan_backend": "mamba_ssm", "conv_backend": "causal_conv1d"}
+REFERENCE = {"scan_backend": "pytorch", "conv_backend": "pytorch"}
+
+
+def carried_training_pass(encoder: MambaTrajEncoder, seq: torch.Tensor, state: dict,
+                          weights: torch.Tensor) -> list[torch.Tensor]:
+    """A learner's pass from a carried state that needs gradients: the outputs, the state after,
+    and the gradients of the parameters and of the incoming state."""
+    state = {k: v.detach().requires_grad_(True) for k, v in state.items()}
+    out, new = encoder(seq, hidden_state=state)
+    leaves = [*encoder.parameters(), *state.values()]
+    return [out, *new.values(), *torch.autograd.grad((out * weights).sum(), leaves)]
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 256])
+@pytest.mark.parametrize("config", CONFIGS[:2], ids=["conv kernel", "d_conv=1"])
+def test_training_from_a_carried_state_runs_the_kernels_and_equals_reference(monkeypatch, config, length):
+    """Every learner row starts from a carried state: that pass runs the scan kernel (and the conv
+    kernel where its widths allow) and computes what the reference path computes."""
+    torch.manual_seed(0)
+    encoder, seq = make_encoder(config), torch.randn(2, length, TSTEP_DIM)
+    state = {k: torch.randn_like(v) for k, v in encoder.init_hidden_state(2, seq.device).items()}
+    weights = torch.randn(2, length, encoder.emb_dim)
+    reference = carried_training_pass(encoder, seq, state, weights)
+    assert encoder.last_backends == REFERENCE  # no kernels installed
+    calls = mamba_kernels.install(monkeypatch)
+    encoder.fused_kernels = False  # read at forward time, by every mixer
+    for a, b in zip(carried_training_pass(encoder, seq, state, weights), reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert encoder.last_backends == REFERENCE and calls == []
+    encoder.fused_kernels = True
+    fused = carried_training_pass(encoder, seq, state, weights)
+    expected = KERNELS if config.get("d_conv", 4) > 1 else {**KERNELS, "conv_backend": "pytorch"}
+    assert encoder.last_backends == expected
+    assert calls.count("scan") == config["n_layers"] and ("conv" in calls) == (expected == KERNELS)
+    for a, b in zip(fused, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=TOL)
+
+
+def test_kernel_backends_and_repr_name_what_a_training_pass_picks(monkeypatch):
+    encoder = make_encoder(CONFIGS[0])
+    cpu = torch.device("cpu")
+    assert encoder.kernel_backends(cpu, torch.float32) == REFERENCE
+    mamba_kernels.install(monkeypatch)  # kernels "on CPU" only
+    assert encoder.kernel_backends(cpu, torch.bfloat16) == KERNELS
+    assert encoder.kernel_backends(cpu, torch.float64) == REFERENCE  # dtypes the kernels refuse
+    assert encoder.kernel_backends(torch.device("cuda"), torch.float32) == REFERENCE
+    assert make_encoder(CONFIGS[1]).kernel_backends(cpu, torch.float32) == {**KERNELS, "conv_backend": "pytorch"}
+    assert repr(encoder).splitlines()[1] == (
+        "  fused_kernels=True, backends: cuda={'scan_backend': 'pytorch', 'conv_backend': "
+        "'pytorch'}, cpu={'scan_backend': 'mamba_ssm', 'conv_backend': 'causal_conv1d'}")
+    encoder.fused_kernels = False
+    assert encoder.kernel_backends(cpu, torch.float32) == REFERENCE
+
+
+@pytest.mark.parametrize("carried", [False, True])
+def test_kernels_take_the_encoders_inputs_under_autocast(monkeypatch, carried):
+    """Under bf16 autocast the inputs the mixers hand the kernels meet their dtype contracts, and
+    the result stays near the reference path's (bf16 matmuls differ in rounding only)."""
+    torch.manual_seed(0)
+    encoder, seq = make_encoder(CONFIGS[0]), torch.randn(2, 9, TSTEP_DIM)
+    state = encoder.init_hidden_state(2, seq.device) if carried else None
+    calls = mamba_kernels.install(monkeypatch)
+    outs = []
+    for fused in (True, False):
+        encoder.fused_kernels = fused
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = encoder(seq, hidden_state=state)
+        out.float().square().sum().backward()
+        outs.append(out.float())
+    assert {"scan", "conv"} <= set(calls)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0.05, atol=0.05)
 
 
 @torch.no_grad()

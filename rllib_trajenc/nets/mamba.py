@@ -13,9 +13,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from rllib_trajenc.nets.base import HiddenState, TrajEncoder
+from rllib_trajenc.nets.base import Backends, HiddenState, TrajEncoder
 from rllib_trajenc.nets.layers import check_choice, check_positive, make_norm
-from rllib_trajenc.nets.selective_scan import run_causal_conv1d, run_selective_scan
+from rllib_trajenc.nets.selective_scan import conv_backend, run_causal_conv1d, run_selective_scan, scan_backend
 
 
 class MambaMixer(nn.Module):
@@ -68,22 +68,30 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, conv_state: Optional[torch.Tensor] = None,
                 ssm_state: Optional[torch.Tensor] = None, log_dict: Optional[dict] = None,
-                log_key: str = "") -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+                log_key: str = "", fused: bool = True, backends: Optional[Backends] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """x [B, L, d_model] -> (y [B, L, d_model], conv state, SSM state after the last step);
-        the states are None when none were passed in (training from the start of episodes)."""
+        the states are None when none were passed in (training from the start of episodes).
+        ``fused`` allows the fused kernels; ``backends``, if given, gets the ones that ran."""
         stateful = ssm_state is not None  # without a state in, no state comes out
         x, z = self.in_proj(x).chunk(2, dim=-1)                               # [B, L, d_inner] each
-        conv = run_causal_conv1d(x.mT, self.conv.weight[:, 0], self.conv.bias, conv_state,
-                                 return_final_state=stateful)
+        weight = self.conv.weight[:, 0]
+        if backends is not None:
+            backends["conv_backend"] = conv_backend(x.device.type, x.dtype, x.shape[-1], weight.shape[1],
+                                                    stateful, fused)
+        conv = run_causal_conv1d(x.mT, weight, self.conv.bias, conv_state, return_final_state=stateful,
+                                 fused=fused)
         x, conv_state = conv if stateful else (conv, None)
         x = F.silu(x)                                                         # [B, d_inner, L]
         dt, B, C = self.x_proj(x.mT).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight)  # its bias is added inside the scan, before softplus
         if log_dict is not None:
             log_dict[log_key] = F.softplus(delta.detach().float() + self.dt_proj.bias.detach()).mean()
+        if backends is not None:
+            backends["scan_backend"] = scan_backend(x.device.type, x.dtype, self.d_state, fused)
         scan = run_selective_scan(x, delta.mT, -torch.exp(self.A_log), B.mT, C.mT, self.D, z.mT,
                                   delta_bias=self.dt_proj.bias, delta_softplus=True,
-                                  initial_state=ssm_state, return_last_state=stateful)
+                                  initial_state=ssm_state, return_last_state=stateful, fused=fused)
         y, ssm_state = scan if stateful else (scan, None)
         return self.out_proj(y.mT), conv_state, ssm_state
 
@@ -119,6 +127,9 @@ class MambaTrajEncoder(TrajEncoder):
     State: ``{"conv": [B, n_layers, d_inner, d_conv-1], "ssm": [B, n_layers, d_inner, d_state]}``,
     zeros at the start of an episode. With ``in_place=True`` (inference, no autograd) a one-step
     forward updates the state passed in and returns it, instead of scanning and copying.
+
+    ``fused_kernels`` is read at every forward. ``last_backends`` names what the last scanning
+    forward ran; the in-place one-step path runs no kernel and leaves it as it was.
     """
 
     def __init__(self, tstep_dim: int, max_seq_len: int, d_model: int = 256, d_state: int = 16,
@@ -142,6 +153,17 @@ class MambaTrajEncoder(TrajEncoder):
     def emb_dim(self) -> int:
         return self.d_model
 
+    def kernel_backends(self, device: torch.device, dtype: torch.dtype) -> Backends:
+        device_type = torch.device(device).type
+        return {"scan_backend": scan_backend(device_type, dtype, self.d_state, self.fused_kernels),
+                "conv_backend": conv_backend(device_type, dtype, self.d_inner, self.d_conv, True,
+                                             self.fused_kernels)}
+
+    def extra_repr(self) -> str:
+        dtype = self.inp.weight.dtype
+        return (f"fused_kernels={self.fused_kernels}, backends: cuda={self.kernel_backends('cuda', dtype)}, "
+                f"cpu={self.kernel_backends('cpu', dtype)}")
+
     def init_hidden_state(self, batch_size: int, device: torch.device) -> HiddenState:
         kw = dict(dtype=self.inp.weight.dtype, device=device)
         return {"conv": torch.zeros(batch_size, self.n_layers, self.d_inner, self.d_conv - 1, **kw),
@@ -159,11 +181,13 @@ class MambaTrajEncoder(TrajEncoder):
             states = [(None, None)] * self.n_layers
         else:
             states = list(zip(hidden_state["conv"].unbind(1), hidden_state["ssm"].unbind(1)))
-        new_states = []
+        new_states, backends = [], {}
         for i, (norm, mixer, (conv_state, ssm_state)) in enumerate(zip(self.norms, self.mixers, states)):
-            y, conv_state, ssm_state = mixer(norm(x), conv_state, ssm_state, log_dict, f"mamba/mean_delta_layer{i}")
+            y, conv_state, ssm_state = mixer(norm(x), conv_state, ssm_state, log_dict, f"mamba/mean_delta_layer{i}",
+                                             self.fused_kernels, backends)
             x = x + y
             new_states.append((conv_state, ssm_state))
+        self.last_backends = backends
         x = self.out_norm(x)
         if hidden_state is None:
             return x, None

@@ -8,8 +8,11 @@
 
 Both accept an initial state, so a sequence cut into chunks that carry state computes exactly what
 one whole pass computes. ``run_selective_scan`` / ``run_causal_conv1d`` switch to mamba-ssm's and
-causal-conv1d's kernels when those are installed and the tensors live on CUDA; everywhere else the
-pure-PyTorch code runs.
+causal-conv1d's kernels when those are installed, the tensors live on CUDA and the kernels' contracts
+allow (``scan_backend`` / ``conv_backend`` name the choice), with states in and out as well: the
+scan kernel, which always starts from zero, is handed the initial state through d_state prepended
+pseudo-steps (``fused_selective_scan``), and the conv kernel takes states in its channel-last
+layout. Everywhere else, or with ``fused=False``, the pure-PyTorch code runs.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ except (ImportError, OSError):
 
 # Device types on which the fused kernels above are used (tests point this at "cpu" with stand-ins).
 FUSED_DEVICES = ("cuda",)
+# Activation dtypes both kernels take.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The scan runs over time chunks sized so one [batch, steps, d_inner, d_state] fp32 tensor stays
 # under this many bytes: the CPU allocator recycles blocks this small, whereas bigger ones come
 # fresh from the OS on every call and their page faults made a whole-sequence scan ~2-4x slower.
@@ -52,12 +57,12 @@ def _scan(a: Tensor, b: Tensor, h0: Optional[Tensor]) -> Tensor:
     h = torch.empty_like(b)
     if h0 is None:
         h[:, 0] = b[:, 0]
-    else:
-        torch.addcmul(b[:, 0], a[:, 0], h0, out=h[:, 0])
+    else:  # in place on views rather than out= views, which torch.compile cannot trace
+        h[:, 0].copy_(b[:, 0]).addcmul_(a[:, 0], h0)
     if length > 1:
         a_even, a_odd, b_even, b_odd = a[:, 0:2 * m:2], a[:, 1::2], b[:, 0:2 * m:2], b[:, 1::2]
         h[:, 1::2] = odd = _scan(a_even * a_odd, torch.addcmul(b_odd, a_odd, b_even), h0)
-        torch.addcmul(b[:, 2::2], a[:, 2::2], odd[:, :(length - 1) // 2], out=h[:, 2::2])
+        h[:, 2::2].copy_(b[:, 2::2]).addcmul_(a[:, 2::2], odd[:, :(length - 1) // 2])
     return h
 
 
@@ -156,33 +161,89 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     return (y, last) if return_last_state else y
 
 
+LAST_STATE_GRADIENT_ERROR = (
+    "the last state of mamba-ssm's fused selective scan has no gradient (the kernel drops it): "
+    "backpropagating through it would silently lose that gradient. Detach it, or set the "
+    "encoder's fused_kernels = False to backpropagate through chunks.")
+
+
+class _RefuseGradient(torch.autograd.Function):
+    """Identity on a fused kernel's last state. The kernel drops that state's gradient, so one
+    reaching it would be lost without a trace; backward raises instead. ``anchor`` (a kernel
+    input) makes the output require grad whenever the inputs do, even if the kernel's does not."""
+
+    @staticmethod
+    def forward(ctx, state: Tensor, anchor: Tensor) -> Tensor:
+        return state.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        raise RuntimeError(LAST_STATE_GRADIENT_ERROR)
+
+
+def _state_prefix(h0: Tensor, A: Tensor, delta_bias: Optional[Tensor],
+                  delta_softplus: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """u, delta [batch, d_inner, d_state] and B [batch, d_state, d_state] of d_state pseudo-steps
+    that leave a zero-state scan's state equal to h0 (fp32). Pseudo-step j writes state j alone
+    (B = e_j) with step size c, and u_j pre-compensates the decay exp(c A_j) of the d_state-1-j
+    pseudo-steps after it.
+
+    c = 1 / max(100, d_state * max_n |A_n|) per channel keeps every compensation factor
+    exp(c |A_j| (d_state-1-j)) below e, so u_j = h0_j e^{...} / c is finite for any A <= 0 (a
+    fixed c would overflow once c |A| d_state > 88); the cap at 1e-2 just keeps c finite where
+    A ~ 0 (any small c is exact). The kernel steps by f(delta + delta_bias), f = softplus or the
+    identity, so delta = f^-1(c) - delta_bias with delta_bias attached: the bias' gradients from
+    the pseudo-steps cancel exactly. u_j divides by the step the kernel actually takes (that sum,
+    rounded as the kernel rounds it). c is detached, since the prefix is exact for any c, so
+    autograd through u_j gives exact gradients to h0 and A (A's from the pseudo-steps cancel).
+    """
+    batch, _, n = h0.shape
+    c = (A.detach().abs().amax(-1) * n).clamp(min=100.0).reciprocal()          # [d_inner]
+    delta = torch.log(torch.expm1(c)) if delta_softplus else c
+    step = delta
+    if delta_bias is not None:
+        delta = delta - delta_bias
+        step = delta.detach() + delta_bias.detach()
+    step = (F.softplus(step) if delta_softplus else step)[:, None]
+    later = torch.arange(n - 1, -1, -1, device=h0.device, dtype=torch.float32)  # d_state-1-j
+    u = h0 * (torch.exp(-step * A * later) / step)
+    B = torch.eye(n, device=h0.device).expand(batch, n, n)
+    return u, delta[:, None].expand_as(u), B
+
+
 def fused_selective_scan(scan_fn: Callable[..., Tensor | tuple[Tensor, Tensor]],
                          u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                          D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                          delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                          initial_state: Optional[Tensor] = None,
                          return_last_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """``selective_scan`` on top of a zero-state kernel with ``selective_scan_fn``'s contract.
+    """``selective_scan`` on a zero-state kernel with ``selective_scan_fn``'s contract (3-D B/C).
 
-    The state is linear in h0, so its contribution is added afterwards: step t sees
-    exp(A·sum_{s<=t} Δ_s) h0 on top of the kernel's state, read out by C_t and gated by silu(z).
-    (mamba-ssm's kernel gives its last state no gradient; the h0 part here does get one.)
+    An initial state is written by d_state pseudo-steps prepended to every row (``_state_prefix``;
+    C = 0 and z = 0 there, and their outputs are dropped), so the kernel computes the carried scan
+    exactly, and its own backward gives every gradient, h0's included, without saving anything of
+    size [batch, d_inner, L, d_state]. Fresh rows pay nothing; carried rows pay d_state steps.
+
+    Dtypes follow the kernel's contract: u, delta, z, B, C share one dtype (u's for fresh rows,
+    fp32 with a state: u_j in bf16 would perturb the state by ~0.4%), A, D, delta_bias are fp32,
+    autocast is off. y comes back in u's dtype. The last state (fp32) has no gradient: backward
+    through it raises RuntimeError (``LAST_STATE_GRADIENT_ERROR``) rather than dropping it.
     """
-    out = scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                  delta_softplus=delta_softplus, return_last_state=return_last_state)
-    if initial_state is None:
-        return out
+    dtype, d_state = u.dtype, A.shape[1]
+    with torch.autocast(u.device.type, enabled=False):
+        A, D, delta_bias = (None if t is None else t.float() for t in (A, D, delta_bias))
+        kind = dtype if initial_state is None else torch.float32
+        u, delta, B, C, z = (None if t is None else t.to(kind) for t in (u, delta, B, C, z))
+        if initial_state is not None:
+            u0, delta0, B0 = _state_prefix(initial_state.float(), A, delta_bias, delta_softplus)
+            u, delta, B = torch.cat([u0, u], -1), torch.cat([delta0, delta], -1), torch.cat([B0, B], -1)
+            C = torch.cat([torch.zeros_like(B0), C], -1)
+            z = None if z is None else torch.cat([torch.zeros_like(u0), z], -1)
+        out = scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                      delta_softplus=delta_softplus, return_last_state=return_last_state)
     y, last = out if return_last_state else (out, None)
-    dt = delta.float() + (0.0 if delta_bias is None else delta_bias.float()[:, None])
-    dt = F.softplus(dt) if delta_softplus else dt
-    # exp of a non-positive number: underflows to 0 for long sequences, never overflows. Only
-    # elementwise ops and a sum, so autocast cannot lower their precision.
-    carried = torch.exp(dt.cumsum(-1).unsqueeze(-1) * A.float()[:, None]) * initial_state.float()[:, :, None]
-    extra = (carried * C.float().mT[:, None]).sum(-1)                     # carried: [b, d_inner, L, d_state]
-    if z is not None:
-        extra = extra * F.silu(z.float())
-    y = y + extra.to(y.dtype)
-    return (y, last + carried[:, :, -1]) if return_last_state else y
+    y = (y if initial_state is None else y[..., d_state:]).to(dtype)
+    return (y, _RefuseGradient.apply(last, u)) if return_last_state else y
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -200,24 +261,56 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     return (out, padded[..., x.shape[-1]:]) if return_final_state else out
 
 
-def run_selective_scan(u: Tensor, *args, return_last_state: bool = False,
-                       **kwargs) -> Tensor | tuple[Tensor, Tensor]:
-    """``selective_scan``, through mamba-ssm's kernel when it is installed and u is on CUDA.
-    That kernel gives its last state no gradient, so a state that may carry gradients (a chunk
-    continued from a state during training) takes the PyTorch path."""
-    fused = (SCAN_KERNEL is not None and u.device.type in FUSED_DEVICES
-             and not (return_last_state and torch.is_grad_enabled()))
-    scan = partial(fused_selective_scan, SCAN_KERNEL) if fused else selective_scan
-    return scan(u, *args, return_last_state=return_last_state, **kwargs)
+def scan_backend(device_type: str, dtype: torch.dtype, d_state: int, fused: bool = True) -> str:
+    """"mamba_ssm" where its kernel is installed and takes these inputs, else "pytorch"."""
+    use = (fused and SCAN_KERNEL is not None and device_type in FUSED_DEVICES
+           and dtype in KERNEL_DTYPES and d_state <= 256)
+    return "mamba_ssm" if use else "pytorch"
+
+
+def conv_backend(device_type: str, dtype: torch.dtype, dim: int, width: int, stateful: bool,
+                 fused: bool = True) -> str:
+    """"causal_conv1d" where its kernel is installed and takes these inputs, else "pytorch".
+    It takes widths 2-4 only, and states only in a channel-last layout, which needs dim % 8 == 0."""
+    use = (fused and CONV_KERNEL is not None and device_type in FUSED_DEVICES
+           and dtype in KERNEL_DTYPES and 2 <= width <= 4 and (not stateful or dim % 8 == 0))
+    return "causal_conv1d" if use else "pytorch"
+
+
+def run_selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                       delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                       initial_state: Optional[Tensor] = None, return_last_state: bool = False,
+                       fused: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+    """``selective_scan``, through mamba-ssm's kernel (``fused_selective_scan``) wherever
+    ``scan_backend`` picks it, from a carried state too; ``fused=False`` forces the PyTorch path."""
+    use_kernel = scan_backend(u.device.type, u.dtype, A.shape[1], fused) == "mamba_ssm"
+    scan = partial(fused_selective_scan, SCAN_KERNEL) if use_kernel else selective_scan
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+
+
+def _channel_last(t: Tensor) -> Tensor:
+    """t [batch, dim, n] as causal-conv1d's channel-last layout wants it: stride(1) == 1 and
+    strides 0 and 2 multiples of 8 (a copy, transposed from [batch, n, dim], unless it is so)."""
+    if t.stride(1) == 1 and t.stride(2) > 1 and t.stride(0) % 8 == 0 and t.stride(2) % 8 == 0:
+        return t
+    return t.new_empty(t.shape[0], t.shape[2], t.shape[1]).copy_(t.mT).mT
 
 
 def run_causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                      initial_state: Optional[Tensor] = None,
-                      return_final_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """``causal_conv1d``, through causal-conv1d's kernel when it is installed, x is on CUDA and
-    no state goes in or out (the kernel's state arguments need channel-last layouts and it only
-    takes widths 2-4); with states, the PyTorch path is cheap anyway."""
-    if (CONV_KERNEL is not None and x.device.type in FUSED_DEVICES and initial_state is None
-            and not return_final_state and 2 <= weight.shape[1] <= 4):
+                      initial_state: Optional[Tensor] = None, return_final_state: bool = False,
+                      fused: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+    """``causal_conv1d``, through causal-conv1d's kernel wherever ``conv_backend`` picks it;
+    ``fused=False`` forces the PyTorch path. States go through the kernel's channel-last layout
+    (x [batch, dim, L] with stride(1) == 1, e.g. the transpose of a [batch, L, dim] projection);
+    the final state, [batch, dim, W-1] like ``causal_conv1d``'s, comes back in that layout."""
+    stateful = initial_state is not None or return_final_state
+    if conv_backend(x.device.type, x.dtype, x.shape[1], weight.shape[1], stateful, fused) == "pytorch":
+        return causal_conv1d(x, weight, bias, initial_state, return_final_state)
+    bias = None if bias is None else bias.to(weight.dtype)
+    if not stateful:
         return CONV_KERNEL(x.contiguous(), weight, bias)
-    return causal_conv1d(x, weight, bias, initial_state, return_final_state)
+    if initial_state is not None:
+        initial_state = _channel_last(initial_state.to(x.dtype))
+    return CONV_KERNEL(_channel_last(x), weight, bias, initial_states=initial_state,
+                       return_final_states=return_final_state)
