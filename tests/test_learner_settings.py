@@ -9,6 +9,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.utils.metrics import LEARNER_RESULTS
 
 from conftest import ENCODERS, build_module, ppo_config, sample_and_recompute, with_small_encoder
+from stand_ins import flash_attn, mamba_kernels
 
 STATEFUL = [name for name in ENCODERS if name != "ff"]
 # What the reference path reports on CPU, where no fused kernel is installed.
@@ -90,3 +91,35 @@ def test_ppo_trains_with_torch_compile_learner(ray_session, encoder):
         assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
     finally:
         algo.stop()
+
+
+FUSED_BACKENDS = {"mamba": {"scan_backend": "mamba_ssm", "conv_backend": "causal_conv1d"},
+                  "transformer": {"attention_backend": "flash_attn_varlen"}}
+
+
+@pytest.mark.parametrize("encoder", ["mamba", "transformer"])
+def test_ppo_update_from_carried_state_runs_the_kernels_and_equals_reference(ray_session, monkeypatch, encoder):
+    """With the kernels' CPU stand-ins (tests/stand_ins; fp32 admitted for flash-attn so that
+    1e-5 can be asked), a learner pass over PPO's train batch, whose rows carry state, runs the
+    fused path and gives the reference path's outputs and gradients; PPO's metrics say so."""
+    mamba_kernels.install(monkeypatch)
+    flash_attn.install(monkeypatch, allow_fp32=True)
+    batch, module, reference = learner_batch(encoder, fused_kernels=False)
+    assert (batch[Columns.STATE_IN]["t"] > 0).any()  # rows that continue an episode
+    results = []
+    for m in (module, reference):
+        out = m.forward_train(batch)
+        loss = (out[Columns.ACTION_DIST_INPUTS] * torch.linspace(-1, 1, 2)).sum()
+        loss = loss + m.compute_values(batch, out[Columns.EMBEDDINGS]).square().sum()
+        results.append([out[Columns.ACTION_DIST_INPUTS], *torch.autograd.grad(loss, list(m.parameters()))])
+    assert module.traj_encoder.last_backends == FUSED_BACKENDS[encoder]
+    assert reference.traj_encoder.last_backends == REFERENCE_BACKENDS[encoder]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    algo = with_small_encoder(ppo_config(), encoder).build_algo()
+    try:
+        stats = algo.train()[LEARNER_RESULTS][DEFAULT_MODULE_ID]
+    finally:
+        algo.stop()
+    for kind, backend in FUSED_BACKENDS[encoder].items():
+        assert stats[f"traj_encoder/{kind}"] == backend

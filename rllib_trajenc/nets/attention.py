@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -11,10 +12,16 @@ import torch.nn.functional as F
 
 from rllib_trajenc.nets.layers import check_probability
 
-try:  # the fused CUDA kernel is optional (the "gpu" extra)
-    from flash_attn import flash_attn_func
+try:  # the fused CUDA kernels are optional (the "gpu" extra)
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:
-    flash_attn_func = None
+    flash_attn_func = flash_attn_varlen_func = None
+
+# Where flash-attn's kernels are used: device types (tests point this at "cpu" with stand-ins),
+# the input dtypes they take, and their largest head dim.
+FUSED_DEVICES = ("cuda",)
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256
 
 _warned_fallback = False
 
@@ -40,6 +47,66 @@ def steps_mask(query_steps: torch.Tensor, key_steps: torch.Tensor, window: int) 
     return ((k <= q) & (k > q - window) & (k >= 0)).unsqueeze(1)
 
 
+@dataclass
+class CarriedKeys:
+    """Which keys the queries of a chunk continued from a KV-cache ring see, in two forms.
+
+    Row b has seen ``n[b]`` steps; its ``T`` queries (steps n..n+T-1) see, within the window W,
+    its last m = min(n, W-1) cached steps and its own chunk. ``packing()`` lays those keys out
+    for a varlen kernel; ``mask()`` is ``steps_mask`` over (ring slots, chunk) for every other
+    kernel. Each is built on first use and shared by every layer.
+    """
+
+    n: torch.Tensor
+    steps: int
+    window: int
+    _packing: Optional[VarlenPacking] = None
+    _mask: Optional[torch.Tensor] = None
+
+    def packing(self) -> VarlenPacking:
+        if self._packing is None:
+            self._packing = VarlenPacking.of(self.n, self.steps, self.window)
+        return self._packing
+
+    def mask(self) -> torch.Tensor:
+        if self._mask is None:
+            from rllib_trajenc.nets.transformer import ring_steps  # the ring's layout lives there
+            chunk = self.n.unsqueeze(1) + torch.arange(self.steps, device=self.n.device)
+            self._mask = steps_mask(chunk, torch.cat([ring_steps(self.n, self.window), chunk], 1), self.window)
+        return self._mask
+
+
+@dataclass
+class VarlenPacking:
+    """flash-attn's varlen layout of carried chunks, built on device with no host sync.
+
+    Keys of row b (its valid cache entries in time order, then its chunk) occupy packed rows
+    cu_k[b]..cu_k[b+1]; queries occupy b*T..(b+1)*T. The packed key tensor has the host-known
+    upper bound B*(W-1+T) rows (the kernel reads none past cu_k[-1]) and is gathered with
+    ``index`` from the flattened [B*(W+T), H, dh] concatenation of (ring, chunk).
+    """
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    index: torch.Tensor
+    max_q: int
+    max_k: int
+
+    @staticmethod
+    def of(n: torch.Tensor, steps: int, window: int) -> VarlenPacking:
+        B, W, device = n.shape[0], window, n.device
+        m = n.clamp(max=W - 1)                                  # cached steps any query sees
+        cu_k = F.pad((m + steps).cumsum(0), (1, 0))
+        p = torch.arange(B * (W - 1 + steps), device=device)
+        row = torch.searchsorted(cu_k[1:], p, right=True).clamp(max=B - 1)
+        j, m_row = p - cu_k[row], m[row]                        # position within row's keys
+        cached = torch.remainder(n[row] - m_row + j, W)          # ring slot of step n-m+j
+        fresh = W + (j - m_row).clamp(0, steps - 1)              # (rows past the total: any valid)
+        index = row * (W + steps) + torch.where(j < m_row, cached, fresh)
+        cu_q = torch.arange(B + 1, device=device, dtype=torch.int32) * steps
+        return VarlenPacking(cu_q, cu_k.int(), index, steps, W - 1 + steps)
+
+
 class SelfAttention(nn.Module, ABC):
     """Maps q [B, H, Tq, dh], k and v [B, H, Tk, dh] (Tk >= Tq) to the output [B, H, Tq, dh].
 
@@ -47,17 +114,28 @@ class SelfAttention(nn.Module, ABC):
     see ``steps_mask``) when given, else the sliding-window causal rule of ``window_mask`` with
     keys in time order, which is what fused kernels take without a mask.
     The softmax scale is 1 / sqrt(dh); ``dropout_attn`` drops attention weights in training.
+    ``fused_kernels`` (set by the encoder) allows fused kernels; ``last_backend`` names what the
+    last call ran (the class name unless a subclass says more).
     """
 
     def __init__(self, dropout_attn: float = 0.0):
         super().__init__()
         check_probability(dropout_attn=dropout_attn)
         self.dropout_attn = dropout_attn
+        self.fused_kernels = True
+        self.last_backend = type(self).__name__
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Returns the attention output [B, H, Tq, dh]."""
+
+    def attend_carried(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+                       cache_v: torch.Tensor, keys: CarriedKeys) -> torch.Tensor:
+        """A chunk q, k, v [B, H, T, dh] continued from a ring cache [B, H, W, dh] (before the
+        chunk's write): by default ``forward`` over (ring, chunk) with ``keys.mask()``."""
+        all_k, all_v = torch.cat([cache_k.to(k.dtype), k], 2), torch.cat([cache_v.to(v.dtype), v], 2)
+        return self(q, all_k, all_v, keys.window, keys.mask())
 
 
 class VanillaAttention(SelfAttention):
@@ -66,6 +144,7 @@ class VanillaAttention(SelfAttention):
     def __init__(self, dropout_attn: float = 0.0):
         super().__init__(dropout_attn)
         self.dropout = nn.Dropout(dropout_attn)
+        self.last_backend = "vanilla"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -76,37 +155,67 @@ class VanillaAttention(SelfAttention):
         return self.dropout(attn) @ v
 
 
-def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
-                     softmax_scale: float, window: int) -> torch.Tensor:
-    """flash-attn's kernel in its own layout [B, T, H, dh]; it aligns causality bottom-right."""
-    return flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                           causal=True, window_size=(window - 1, 0))
+def flash_applies(device: torch.device, dtype: torch.dtype, head_dim: int, fused: bool, varlen: bool) -> bool:
+    """Whether flash-attn's kernel (varlen or not) is installed and takes such queries."""
+    kernel = flash_attn_varlen_func if varlen else flash_attn_func
+    return (fused and kernel is not None and device.type in FUSED_DEVICES and dtype in FLASH_DTYPES
+            and head_dim <= FLASH_MAX_HEAD_DIM)
 
 
-def _can_fuse(q: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
+def flash_backend(q: torch.Tensor, fused: bool, varlen: bool) -> str:
+    """"flash_attn" / "flash_attn_varlen" where flash-attn's kernel takes q, else "sdpa"."""
+    if flash_applies(q.device, q.dtype, q.shape[-1], fused, varlen):
+        return "flash_attn_varlen" if varlen else "flash_attn"
+    _warn_fallback_once()
+    return "sdpa"
+
+
+def _warn_fallback_once() -> None:
     global _warned_fallback
-    if mask is not None:  # keys out of time order (the KV cache): flash-attn takes no mask
-        return False
-    if flash_attn_func is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        if not _warned_fallback:
-            _warned_fallback = True
-            warnings.warn("FlashAttention: flash-attn is not installed or the inputs are not fp16/bf16 "
-                          "CUDA tensors; falling back to torch scaled_dot_product_attention")
-        return False
-    return True
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn("FlashAttention: flash-attn is not installed or the inputs are not fp16/bf16 "
+                      "CUDA tensors; falling back to torch scaled_dot_product_attention")
 
 
 class FlashAttention(SelfAttention):
-    """flash-attn's fused kernel where it applies, else torch's scaled_dot_product_attention."""
+    """flash-attn's fused kernels where they apply, else torch's scaled_dot_product_attention.
+
+    Chunks from an episode start go to ``flash_attn_func``; chunks continued from the KV cache
+    (every RLlib learner row) to ``flash_attn_varlen_func``, one call per layer over each row's
+    valid cache entries and chunk (``VarlenPacking``), with no mask.
+    """
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        dropout_p = self.dropout_attn if self.training else 0.0
-        scale = q.shape[-1] ** -0.5
-        if _can_fuse(q, mask):
-            out = _flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                   dropout_p, scale, window)
+        dropout_p, scale = self._dropout_p(), q.shape[-1] ** -0.5
+        # keys out of time order (a ring) come with a mask, which flash-attn cannot take
+        self.last_backend = "sdpa" if mask is not None else flash_backend(q, self.fused_kernels, varlen=False)
+        if self.last_backend == "flash_attn":
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                                  softmax_scale=scale, causal=True, window_size=(window - 1, 0))
             return out.transpose(1, 2)
         if mask is None:
             mask = window_mask(q.shape[2], k.shape[2], window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+    def attend_carried(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+                       cache_v: torch.Tensor, keys: CarriedKeys) -> torch.Tensor:
+        if flash_backend(q, self.fused_kernels, varlen=True) != "flash_attn_varlen":
+            return super().attend_carried(q, k, v, cache_k, cache_v, keys)
+        self.last_backend = "flash_attn_varlen"
+        B, H, T, dh = q.shape
+        packing = keys.packing()
+
+        def packed(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            rows = torch.cat([cache.to(new.dtype), new], 2).transpose(1, 2).reshape(-1, H, dh)
+            return rows.index_select(0, packing.index)
+
+        out = flash_attn_varlen_func(q.transpose(1, 2).reshape(B * T, H, dh), packed(cache_k, k), packed(cache_v, v),
+                                     packing.cu_q, packing.cu_k, packing.max_q, packing.max_k,
+                                     dropout_p=self._dropout_p(), softmax_scale=dh ** -0.5, causal=True,
+                                     window_size=(keys.window - 1, 0))
+        return out.view(B, T, H, dh).transpose(1, 2)
+
+    def _dropout_p(self) -> float:
+        return self.dropout_attn if self.training else 0.0

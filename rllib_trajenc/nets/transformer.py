@@ -6,8 +6,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from rllib_trajenc.nets.attention import FlashAttention, SelfAttention, steps_mask
-from rllib_trajenc.nets.base import HiddenState, TrajEncoder
+from rllib_trajenc.nets.attention import (
+    CarriedKeys, FlashAttention, SelfAttention, VanillaAttention, flash_applies, steps_mask,
+)
+from rllib_trajenc.nets.base import Backends, HiddenState, TrajEncoder
 from rllib_trajenc.nets.ff import FeedForward
 from rllib_trajenc.nets.layers import NORMS, activation as get_activation
 from rllib_trajenc.nets.layers import check_choice, check_positive, check_probability, make_norm
@@ -81,10 +83,11 @@ class AttentionLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, window: int, angles: Optional[torch.Tensor],
                 cache: Optional[KVCache] = None, steps: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                keys: Optional[CarriedKeys | torch.Tensor] = None) -> torch.Tensor:
         """Attends x [B, T, D] to itself (an episode's start) or, given a ``cache``, to the cache and
-        itself, writing x's keys/values into the cache (x holds episode ``steps`` [B, T]; ``mask``
-        is ``steps_mask`` over the keys: the cache after the write for one step, else cache + x)."""
+        itself, writing x's keys/values into the cache (x holds episode ``steps`` [B, T]). ``keys``
+        says which keys each query sees: the CarriedKeys of a chunk, or for a rollout step the
+        ``steps_mask`` over the ring after the step's write."""
         B, T, D = x.shape
         qkv = self.dropout_qkv(self.qkv(x)).view(B, T, 3, self.n_heads, D // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, dh]
@@ -92,13 +95,12 @@ class AttentionLayer(nn.Module):
             q, k = rotate(q, angles), rotate(k, angles)
         if cache is None:
             out = self.attention(q, k, v, window)
-        elif T == 1:  # a rollout step: the new key joins the ring in place of the step leaving it
+        elif isinstance(keys, CarriedKeys):
+            out = self.attention.attend_carried(q, k, v, cache.k, cache.v, keys)
             cache.write(k, v, steps)
-            out = self.attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), window, mask)
-        else:
-            keys, values = torch.cat([cache.k.to(k.dtype), k], 2), torch.cat([cache.v.to(v.dtype), v], 2)
-            out = self.attention(q, keys, values, window, mask)
+        else:  # a rollout step: the new key joins the ring in place of the step leaving it
             cache.write(k, v, steps)
+            out = self.attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), window, keys)
         if self.head_scale is not None:
             out = out * self.head_scale.view(-1, 1, 1)
         out = self.out(out.transpose(1, 2).reshape(B, T, D))
@@ -115,8 +117,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, window: int, angles: Optional[torch.Tensor],
                 cache: Optional[KVCache] = None, steps: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), window, angles, cache, steps, mask)
+                keys: Optional[CarriedKeys | torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), window, angles, cache, steps, keys)
         return x + self.ff(self.norm2(x))
 
 
@@ -209,12 +211,16 @@ class TformerTrajEncoder(TrajEncoder):
         x, angles = self._embed_steps(seq, time_idxs[..., 0].long())
         x = self.dropout(x)
         W = self.max_seq_len
+        for block in self.blocks:
+            block.attn.attention.fused_kernels = self.fused_kernels
         if hidden_state is None:
             for block in self.blocks:
                 x = block(x, W, angles)
             state = None
         else:
             x, state = self._continue(x, angles, hidden_state, in_place)
+        if hidden_state is None or x.shape[1] > 1 or torch.is_grad_enabled():  # not a rollout step
+            self.last_backends = {"attention_backend": self.blocks[0].attn.attention.last_backend}
         if log_dict is not None:
             self._log(x, log_dict)
         return self.out_norm(x), state
@@ -224,16 +230,29 @@ class TformerTrajEncoder(TrajEncoder):
         """Runs x [B, T, D] on from ``state``; returns the output and the state after it."""
         W, n, T = self.max_seq_len, state["n"], x.shape[1]
         steps = n.unsqueeze(1) + torch.arange(T, device=n.device)
-        key_steps = ring_steps(n + 1, W) if T == 1 else torch.cat([ring_steps(n, W), steps], 1)
-        mask = steps_mask(steps, key_steps, W)  # one mask for every layer
+        if T == 1 and not torch.is_grad_enabled():  # a rollout step attends over the W ring slots
+            keys = steps_mask(steps, ring_steps(n + 1, W), W)
+        else:  # a chunk (a learner row): the kernel picks a packing or a mask, shared by every layer
+            keys = CarriedKeys(n, T, W)
         caches = [KVCache(k, v) for k, v in zip(state["k"].unbind(1), state["v"].unbind(1))]
         if not in_place:
             caches = [cache.clone() for cache in caches]
         for block, cache in zip(self.blocks, caches):
-            x = block(x, W, angles, cache, steps, mask)
+            x = block(x, W, angles, cache, steps, keys)
         k, v = (state["k"], state["v"]) if in_place else (
             torch.stack([c.k for c in caches], 1), torch.stack([c.v for c in caches], 1))
         return x, {"k": k, "v": v, "n": n + T}
+
+    def kernel_backends(self, device: torch.device, dtype: torch.dtype) -> Backends:
+        attention = self.blocks[0].attn.attention
+        if isinstance(attention, FlashAttention):
+            fused = flash_applies(device, dtype, self.head_dim, self.fused_kernels, varlen=True)
+            return {"attention_backend": "flash_attn_varlen" if fused else "sdpa"}
+        return {"attention_backend": "vanilla" if isinstance(attention, VanillaAttention) else type(attention).__name__}
+
+    def extra_repr(self) -> str:
+        cuda, cpu = (self.kernel_backends(torch.device(d), t) for d, t in (("cuda", torch.bfloat16), ("cpu", torch.float32)))
+        return f"fused_kernels={self.fused_kernels}, backends: cuda/bf16={cuda}, cpu/fp32={cpu}"
 
     @torch.no_grad()
     def _log(self, x: torch.Tensor, log_dict: dict) -> None:
