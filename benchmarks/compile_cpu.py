@@ -3,7 +3,8 @@
 For each encoder at the spec's default sizes, a learner row's pass (train mode, fp32, from a
 carried state as every RLlib learner row starts) is first run through ``torch._dynamo.explain``
 (graphs, graph breaks and their reasons), then timed as fwd+bwd timesteps/s eager and compiled
-(inductor, what RLlib's ``torch_compile_learner`` uses), side by side in one run.
+(inductor, what RLlib's ``torch_compile_learner`` uses), side by side in one run. The GRU also
+runs with dynamo's ``allow_rnn``, which traces nn.GRU instead of breaking the graph at it.
 Usage: python benchmarks/compile_cpu.py [--quick] [--threads N]
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch._dynamo
 from learner_gpu import ENCODERS, build, inputs, median_seconds  # same folder
 
 ROWS, STEPS = 16, 64
+# nn.GRU is one opaque call to dynamo (cuDNN's fused kernel on CUDA); allow_rnn traces through it.
+GRU_TRACED = "gru, torch._dynamo.config.allow_rnn=True"
 
 
 def pass_of(encoder: torch.nn.Module, seq: torch.Tensor, t: torch.Tensor, state: Optional[dict]):
@@ -67,10 +70,14 @@ def main() -> None:
     print("| encoder | graphs | graph breaks | break reasons |\n|---|---:|---:|---|")
     for name in ENCODERS:
         print(explain(name, device), flush=True)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        print(explain("gru", device).replace("| gru |", f"| {GRU_TRACED} |"), flush=True)
     print("\n| encoder | eager fwd+bwd (timesteps/s) | compiled fwd+bwd (timesteps/s) | compiled / eager |")
     print("|---|---:|---:|---:|")
     for name in ENCODERS:
         print(speed(name, device, 3 if args.quick else 10), flush=True)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        print(speed("gru", device, 3 if args.quick else 10).replace("| gru |", f"| {GRU_TRACED} |"), flush=True)
 
 
 if __name__ == "__main__":
