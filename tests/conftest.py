@@ -121,8 +121,9 @@ def logp_error(module: TrajEncoderRLModule, batch: dict[str, Any]) -> float:
     """Max |learner log-prob - rollout log-prob| over the steps the loss uses."""
     out = module.forward_train(batch)
     logp = module.get_train_action_dist_cls().from_logits(out[Columns.ACTION_DIST_INPUTS]).logp(batch[Columns.ACTIONS])
-    mask = batch[Columns.LOSS_MASK].bool()
-    return (logp - batch[Columns.ACTION_LOGP])[mask].abs().max().item()
+    diff = (logp - batch[Columns.ACTION_LOGP]).abs()
+    # A stateless module's batch has no time dim and so no padding to mask.
+    return diff[batch[Columns.LOSS_MASK].bool()].max().item() if Columns.LOSS_MASK in batch else diff.max().item()
 
 
 def sample_and_recompute(algo: Algorithm) -> tuple[list, dict[str, Any], TrajEncoderRLModule]:

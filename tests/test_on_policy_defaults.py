@@ -1,6 +1,7 @@
 """What with_traj_encoder does with nothing but an encoder name: the learner reproduces the
 rollout at the first minibatch under PPO, APPO and IMPALA (dropouts default to 0), a dropout the
-user sets is kept with a warning, and multi-agent configs are refused with a clear error."""
+user sets is kept with a warning, and multi-agent configs get a module per policy (see
+test_multi_agent.py) but must be made multi-agent before with_traj_encoder."""
 from __future__ import annotations
 
 import inspect
@@ -13,6 +14,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.appo import APPOConfig
 from ray.rllib.algorithms.impala import IMPALAConfig
 from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.examples.envs.classes.multi_agent import MultiAgentCartPole
 from ray.rllib.examples.envs.classes.stateless_cartpole import StatelessCartPole
 
@@ -61,13 +63,16 @@ def test_transformer_dropouts_default_to_zero_and_a_users_own_is_kept_with_one_w
         with_traj_encoder(PPOConfig(), "transformer", max_seq_len=8, encoder_config={"dropout_ff": 0.1})
 
 
-def test_multi_agent_configs_are_refused():
+def test_multi_agent_configs_get_one_module_per_policy_and_multi_agent_first():
     multi = PPOConfig().multi_agent(policies={"p0", "p1"}, policy_mapping_fn=lambda agent, *_, **__: f"p{agent}")
-    with pytest.raises(ValueError, match=r"single-agent configs only; this config has policies \['p0', 'p1'\]"):
-        with_traj_encoder(multi, "gru", max_seq_len=8)
-    # .multi_agent() after with_traj_encoder: refused when env runners build their pipelines.
+    spec = with_traj_encoder(multi, "gru", max_seq_len=8).rl_module_spec
+    assert isinstance(spec, MultiRLModuleSpec) and set(spec.rl_module_specs) == {"p0", "p1"}
+    assert spec.rl_module_specs["p0"].model_config == spec.rl_module_specs["p1"].model_config
+    # .multi_agent() after with_traj_encoder: the single-agent pieces are refused when env
+    # runners build their pipelines.
     config = with_traj_encoder(PPOConfig(), "gru", max_seq_len=8)
-    with pytest.raises(ValueError, match="single-agent configs only, but the env runner steps the multi-agent env"):
+    with pytest.raises(ValueError, match=r"steps the multi-agent env .*, but with_traj_encoder was given a "
+                                         r"single-agent config: call config.multi_agent\(...\) before"):
         config.build_env_to_module_connector(env=MultiAgentCartPole({"num_agents": 2}), spaces=None)
 
 

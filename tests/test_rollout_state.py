@@ -66,12 +66,18 @@ def test_a_callers_state_is_left_alone(encoder):
     assert all(first[Columns.STATE_OUT][k] is not state[k] for k in state)
 
 
+def fresh_rows(module, n_rows: int = 3) -> RolloutState:
+    """The module's rollout state with ``n_rows`` rows, each a fresh episode's."""
+    rows = module.rollout_state(n_rows)
+    for row in range(n_rows):
+        rows.claim(row, f"episode{row}", None)
+    return rows
+
+
 @pytest.mark.parametrize("encoder", IN_PLACE)
 def test_the_rollout_path_computes_what_the_state_path_computes(encoder):
     module = build_module(encoder=encoder)
-    rows = module.rollout_state(3)
-    for row in range(3):
-        rows.claim(row, f"episode{row}", None)
+    rows = fresh_rows(module)
     big = max(rows.tensors, key=lambda k: rows.tensors[k].numel())
     memory = rows.tensors[big].data_ptr()
     state = {k: v.clone() for k, v in rows.tensors.items()}
@@ -86,8 +92,25 @@ def test_the_rollout_path_computes_what_the_state_path_computes(encoder):
                                    atol=1e-5, rtol=0)
         torch.testing.assert_close(rows.tensors, state, atol=1e-5, rtol=0)
     assert rows.tensors[big].data_ptr() == memory  # updated where it lives, never reallocated
-    with pytest.raises(ValueError, match=r"STATE_IN\['rollout_row'\]=\[1, 0, 2\] must name every row"):
-        module.forward_inference({Columns.OBS: obs, Columns.STATE_IN: {ROLLOUT_ROW: torch.tensor([1, 0, 2])}})
+    with pytest.raises(ValueError, match=r"STATE_IN\['rollout_row'\]=\[1, 1\] must name distinct rows of "
+                                         r"the module's rollout state, 0 to 2"):
+        module.forward_inference({Columns.OBS: obs[:2], Columns.STATE_IN: {ROLLOUT_ROW: torch.tensor([1, 1])}})
+
+
+@pytest.mark.parametrize("encoder", IN_PLACE)
+def test_some_rows_in_any_order_step_only_those_rows(encoder):
+    """Multi-agent env runners step the agents that act: a subset of the rows, in batch order."""
+    module = build_module(encoder=encoder)
+    rows = fresh_rows(module)
+    module.forward_inference({Columns.OBS: torch.randn(3, 1, 2), Columns.STATE_IN: {ROLLOUT_ROW: torch.arange(3)}})
+    state = {k: v.clone() for k, v in rows.tensors.items()}
+    obs, some = torch.randn(2, 1, 2), torch.tensor([2, 0])
+    expected = module.forward_inference({Columns.OBS: obs, Columns.STATE_IN: {k: v[some] for k, v in state.items()}})
+    out = module.forward_inference({Columns.OBS: obs, Columns.STATE_IN: {ROLLOUT_ROW: some}})
+    torch.testing.assert_close(out[Columns.ACTION_DIST_INPUTS], expected[Columns.ACTION_DIST_INPUTS], atol=1e-5, rtol=0)
+    for key, value in rows.tensors.items():
+        torch.testing.assert_close(value[some], expected[Columns.STATE_OUT][key], atol=1e-5, rtol=0)
+        assert torch.equal(value[1], state[key][1])  # the row that did not act is untouched
 
 
 def test_a_row_changes_hands_by_loading_the_new_owners_state():
@@ -103,3 +126,16 @@ def test_a_row_changes_hands_by_loading_the_new_owners_state():
     rows.claim(0, "c", None)  # a fresh episode starts from the initial state
     assert not rows.tensors["h"][0].any() and int(rows.tensors["t"][0]) == 0
     assert rows.tensors["h"][1].tolist() == [0.0, 0.0]  # other rows untouched
+
+
+def test_rows_go_to_newcomers_once_their_owners_are_gone_and_views_survive_growth():
+    rows = RolloutState({"h": np.zeros(2, np.float32), "t": np.zeros((), np.int64)}, 0, torch.device("cpu"))
+    for position, owner in enumerate(["a", "b"]):
+        row = rows.row_for(owner, position, live={"a", "b"}, taken=[])
+        rows.claim(row, owner, None)
+    assert rows.n_rows == 2 and rows.row_for("a", 1, live={"a", "b"}, taken=[]) == 0  # kept
+    view = rows.row(1)
+    rows.tensors["h"][1] += 4.0
+    assert rows.row_for("c", 0, live={"a", "b", "c"}, taken=[]) == 2 and rows.n_rows == 3  # none free: grows
+    assert view["h"].tolist() == [4.0, 4.0]  # the view reads the grown tensors
+    assert rows.row_for("d", 0, live={"a", "d"}, taken=[]) == 1  # "b" is gone: its row is free

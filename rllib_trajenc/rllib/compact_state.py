@@ -24,6 +24,13 @@ chunk in ``extra_model_outputs[STORE_COLUMN]``. The latter is what survives RLli
 across several learners: ``LearnerGroup.update`` cuts chunks at arbitrary steps with
 ``SingleAgentEpisode.slice``, which keeps per-step data but drops ``custom_data``.
 
+Multi-agent episodes keep one store per agent chunk (each agent's own steps, rows and time
+index); the env runner finds them in the multi-agent episode's ``custom_data[STORE_KEY]`` (an
+``AgentStores``), which RLlib's multi-agent cut deep-copies while it rebuilds the agents'
+chunks. An agent whose action is still waiting for its next observation at a cut has already
+run that step, which belongs to the successor chunk: its copy replays the state before it from
+the predecessor's snapshots (with the weights it acted with), instead of copying the running one.
+
 Pickled (shipped to the driver and the learners), a store holds the snapshots before its
 chunk's own steps and its observations, never the running state. The observations are the very
 array its episode pickles too, so pickle's memo ships them once; only a store pickled without
@@ -36,7 +43,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
-from typing import Any, Optional
+from typing import Any, Hashable, Iterator, Optional
 
 import numpy as np
 from ray.rllib.connectors.common import (
@@ -48,6 +55,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.multi_rl_module import MultiRLModule
 from ray.rllib.core.rl_module.rl_module import RLModule
+from ray.rllib.env.multi_agent_episode import MultiAgentEpisode
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 from ray.rllib.env.utils.infinite_lookback_buffer import InfiniteLookbackBuffer
 from ray.rllib.utils.numpy import convert_to_numpy
@@ -81,10 +89,12 @@ class StateStore:
     """
 
     def __init__(self, t_started: int, episode: Optional[SingleAgentEpisode] = None,
-                 running: Optional[dict] = None, observations: Optional[InfiniteLookbackBuffer] = None):
+                 running: Optional[dict] = None, observations: Optional[InfiniteLookbackBuffer] = None,
+                 module: Optional[RLModule] = None):
         self.t_started = t_started
         self.episode = episode
         self.running = running
+        self.module = module  # env runners only: replays a multi-agent cut's start (AgentStores)
         self._observations = observations
         self.snapshots: dict[int, Optional[State]] = {}
         self.state_at_copy: Optional[State] = None  # set by deep copies: a cut's start state
@@ -100,16 +110,25 @@ class StateStore:
             self.snapshots[offset] = None if self.running is None else copy_to_numpy(self.running)
 
     def __deepcopy__(self, memo: dict) -> StateStore:
+        return self.copy_starting(None if self.running is None else copy_to_numpy(self.running), memo)
+
+    def copy_starting(self, state_at_copy: Optional[State], memo: dict) -> StateStore:
+        """A deep copy that records ``state_at_copy`` as a cut's start state."""
         # The running state is shared: it is the episode's row, still running. A store copied
         # with its episode follows the episode's copy (in ``memo`` by then); copied alone, as
         # RLlib's cut copies custom_data, it keeps the original episode rather than copy a whole
         # chunk. Shipped observations are copied with ``memo``, so they stay the copied
         # episode's own array.
         copied = StateStore(self.t_started, memo.get(id(self.episode), self.episode), self.running,
-                            copy.deepcopy(self._observations, memo))
+                            copy.deepcopy(self._observations, memo), self.module)
         copied.snapshots = copy.deepcopy(self.snapshots, memo)
-        copied.state_at_copy = None if self.running is None else copy_to_numpy(self.running)
+        copied.state_at_copy = state_at_copy
         return copied
+
+    def state_after_chunk(self) -> State:
+        """The state after the chunk's last step, replayed from the snapshots (env runner)."""
+        max_seq_len = self.module.model_config["max_seq_len"]
+        return self.states_before([len(self.episode)], self.module, max_seq_len)[0]
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled = shipped towards a learner: the states before the chunk's own steps and the
@@ -151,26 +170,68 @@ class StateStore:
         return base
 
 
-def chunk_store(episode: SingleAgentEpisode) -> StateStore:
+class AgentStores:
+    """A multi-agent episode chunk's stores by agent id, kept in its custom_data on env runners.
+
+    ``stepped``: the agents whose next step the latest env-to-module pass prepared; their running
+    states are the states before their next steps. Any other agent has already run the step that
+    its next observation will close, so a cut's copy replays its start state instead.
+    """
+
+    def __init__(self) -> None:
+        self.stores: dict[Hashable, StateStore] = {}
+        self.stepped: set[Hashable] = set()
+
+    def __deepcopy__(self, memo: dict) -> AgentStores:
+        copied = AgentStores()
+        copied.stepped = set(self.stepped)  # still prepared, in the copy's next step
+        for agent_id, store in self.stores.items():
+            if not store.episode.is_done:  # a finished agent never steps again
+                start = (copy_to_numpy(store.running) if agent_id in self.stepped
+                         else store.state_after_chunk())
+                copied.stores[agent_id] = store.copy_starting(start, memo)
+        return copied
+
+    def __reduce__(self) -> tuple:
+        # Env runners only: learners find each agent chunk's store in its per-step references.
+        return AgentStores, ()
+
+
+def agent_stores(episode: MultiAgentEpisode) -> AgentStores:
+    return episode.custom_data.setdefault(STORE_KEY, AgentStores())
+
+
+def chunk_store(episode: SingleAgentEpisode, parent: Optional[MultiAgentEpisode] = None,
+                module: Optional[RLModule] = None) -> StateStore:
     """This episode chunk's store, started anew when the chunk is new (fresh or just cut), and
-    referenced from each of its steps."""
-    store = episode.custom_data.get(STORE_KEY)
+    referenced from each of its steps. ``parent``: the multi-agent episode that ``episode`` is an
+    agent's part of, which keeps the store; ``module``: the one acting in ``episode``."""
+    home, key = (episode.custom_data, STORE_KEY) if parent is None else (agent_stores(parent).stores,
+                                                                          episode.agent_id)
+    store = home.get(key)
     # One copied into a successor by a cut (which may start at the same step, when the cut
     # chunk had none) still knows the predecessor.
     if store is None or store.episode is not episode:
-        successor = StateStore(episode.t_started, episode, None if store is None else store.running)
+        successor = StateStore(episode.t_started, episode, None if store is None else store.running,
+                               module=module)
         if store is not None:  # a cut: the predecessor's copy holds this chunk's start state
             successor.snapshots[0] = store.state_at_copy if episode.t_started > 0 else None
-        episode.custom_data[STORE_KEY] = successor
-        # A cut copies the predecessor's last references into the lookback: point them here,
-        # or shipping this chunk would ship the predecessor's store too.
+        home[key] = successor
+        # A cut copies the predecessor's last references into the lookback (and a multi-agent
+        # step taken across the cut refers to the predecessor): point them here, or shipping
+        # this chunk would ship the predecessor's store too.
         column = episode.extra_model_outputs.get(STORE_COLUMN)
-        lookback = 0 if column is None else column.lookback
-        episode.extra_model_outputs[STORE_COLUMN] = InfiniteLookbackBuffer(
-            data=[successor] * lookback, lookback=lookback)
+        if column is not None:
+            episode.extra_model_outputs[STORE_COLUMN] = InfiniteLookbackBuffer(
+                data=[successor] * (column.lookback + len(column)), lookback=column.lookback)
         store = successor
-    column = episode.extra_model_outputs[STORE_COLUMN]
-    column.extend([store] * (len(episode) - len(column)))  # the step just taken
+    column = episode.extra_model_outputs.get(STORE_COLUMN)
+    # Made with the first step, not before: for an agent with no step yet, RLlib's multi-agent
+    # episode reads only the columns its agent episode has.
+    if column is None and len(episode):
+        episode.extra_model_outputs[STORE_COLUMN] = InfiniteLookbackBuffer(data=[store] * len(episode))
+    elif column is not None:
+        column.extend([store] * (len(episode) - len(column)))  # the step just taken
     return store
 
 
@@ -193,7 +254,8 @@ class TakeStoreFromSteps(ConnectorV2):
     def __call__(self, *, rl_module: RLModule, batch: dict, episodes: list, **kwargs) -> Any:
         for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
             if STORE_COLUMN in episode.extra_model_outputs:
-                episode.custom_data[STORE_KEY] = shipped_store(episode)
+                if len(episode):  # an agent with no step in a piece needs no state
+                    episode.custom_data[STORE_KEY] = shipped_store(episode)
                 del episode.extra_model_outputs[STORE_COLUMN]
         return batch
 
@@ -211,30 +273,103 @@ class AddStatesFromEpisodeStore(ConnectorV2):
     def __call__(self, *, rl_module: RLModule, batch: dict, episodes: list, **kwargs) -> Any:
         if rl_module is None or not rl_module.is_stateful() or Columns.STATE_IN in batch:
             return batch
-        episodes = list(self.single_agent_episode_iterator(
-            episodes, agents_that_stepped_only=not self._as_learner_connector))
-        rows_used: list[int] = []
-        for episode in episodes:
+        if self._as_learner_connector:
+            self._add_learner_states(rl_module, batch, episodes)
+        else:
+            self._add_rollout_rows(rl_module, batch, episodes)
+        return batch
+
+    def _add_learner_states(self, rl_module: RLModule, batch: dict, episodes: list) -> None:
+        for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False):
             module = _single(rl_module, episode)
-            max_seq_len = module.model_config["max_seq_len"]
-            if self._as_learner_connector:
-                store = shipped_store(episode)
-                first = episode.t_started - store.t_started
-                n_rows = math.ceil(len(episode) / max_seq_len)
-                items = store.states_before(
-                    [first + k * max_seq_len for k in range(n_rows)], module, max_seq_len)
-                self.add_n_batch_items(batch, Columns.STATE_IN, items_to_add=items,
-                                       num_items=n_rows, single_agent_episode=episode)
+            if not module.is_stateful() or not len(episode):
                 continue
-            store = chunk_store(episode)
-            # Before the step runs.
-            store.snapshot(len(episode), max_seq_len)
-            rows, row = module.rollout_state(len(episodes)), len(rows_used)
-            if rows.claim(row, episode.id_, store.running):
-                store.running = rows.row(row)  # views: they follow the row from now on
-            rows_used.append(row)
+            max_seq_len = module.model_config["max_seq_len"]
+            store = shipped_store(episode)
+            first = episode.t_started - store.t_started
+            n_rows = math.ceil(len(episode) / max_seq_len)
+            items = store.states_before([first + k * max_seq_len for k in range(n_rows)], module, max_seq_len)
+            self.add_n_batch_items(batch, Columns.STATE_IN, items_to_add=items, num_items=n_rows,
+                                   single_agent_episode=episode)
+
+    def _add_rollout_rows(self, rl_module: RLModule, batch: dict, episodes: list) -> None:
+        live = _live_owners(episodes)
+        acting: dict[Optional[str], Optional[_Acting]] = {}  # by module id; None: stateless
+        stepped: dict[str, set[Hashable]] = {}  # agents prepared, by multi-agent episode
+        for episode, parent in _agent_episodes(episodes):
+            # The column even when only stateless modules act: RLlib's time-rank piece then steps
+            # aside every time (the flag it leaves in shared_data for the module-to-env pipeline
+            # would outlive this pass).
+            batch.setdefault(Columns.STATE_IN, {})
+            if episode.module_id not in acting:
+                acting[episode.module_id] = _Acting.of(_single(rl_module, episode))
+            module = acting[episode.module_id]
+            if module is None:
+                continue
+            store = chunk_store(episode, parent, module.module)
+            store.snapshot(len(episode), module.max_seq_len)  # before the step runs
+            row = -1  # RLlib does not step finished agents (its last pass of an episode is dropped)
+            if parent is None or not (episode.is_done or parent.is_done):
+                row = module.claim_row(episode, store, live)
+                if parent is not None:
+                    stepped.setdefault(parent.id_, set()).add(episode.agent_id)
             self.add_batch_item(batch, Columns.STATE_IN, {ROLLOUT_ROW: np.int64(row)},
                                 single_agent_episode=episode)
+        for episode in episodes:
+            if isinstance(episode, MultiAgentEpisode):
+                agent_stores(episode).stepped = stepped.get(episode.id_, set())
+
+
+class _Acting:
+    """A stateful module acting in one env-to-module pass, and the rows it has named so far."""
+
+    def __init__(self, module: RLModule):
+        self.module, self.max_seq_len = module, module.model_config["max_seq_len"]
+        self.rows, self.taken = module.rollout_state(), []
+
+    @classmethod
+    def of(cls, module: RLModule) -> Optional[_Acting]:
+        return cls(module) if module.is_stateful() else None
+
+    def claim_row(self, episode: SingleAgentEpisode, store: StateStore, live: set[str]) -> int:
+        """The row for ``episode``'s next step, loaded with its state if it was another episode's."""
+        row = self.rows.row_for(episode.id_, len(self.taken), live, self.taken)
+        self.taken.append(row)
+        if self.rows.claim(row, episode.id_, store.running):
+            store.running = self.rows.row(row)  # views: they follow the row from now on
+        return row
+
+
+def _agent_episodes(episodes: list) -> Iterator[tuple[SingleAgentEpisode, Optional[MultiAgentEpisode]]]:
+    """The episodes of the agents that just stepped, each with the multi-agent episode it is part
+    of (None in single-agent runs), in the order RLlib's env-to-module pieces add their items."""
+    for episode in episodes:
+        if isinstance(episode, MultiAgentEpisode):
+            for agent_id in episode.get_agents_that_stepped():
+                yield episode.agent_episodes[agent_id], episode
+        else:
+            yield episode, None
+
+
+def _live_owners(episodes: list) -> set[str]:
+    """The (agent) episodes whose rows must be kept: any other row may be given to a newcomer."""
+    return {agent.id_ for episode in episodes
+            for agent in (episode.agent_episodes.values() if isinstance(episode, MultiAgentEpisode) else [episode])
+            if agent is episode or not agent.is_done}
+
+
+class ReferStepsToStore(ConnectorV2):
+    """Module-to-env, multi-agent: each acting agent's step refers to its store from the start,
+    through the step's extra_model_outputs; RLlib's multi-agent episodes check at every env step
+    that all of an agent's per-step columns are as long as its steps. (A step recorded in a
+    successor chunk refers to its predecessor's store until ``chunk_store`` re-points it.)"""
+
+    def __call__(self, *, rl_module: RLModule, batch: dict, episodes: list, **kwargs) -> Any:
+        by_id = {episode.id_: episode for episode in episodes}
+        for episode_id, agent_id, module_id in list(batch.get(Columns.ACTIONS, {})):
+            store = agent_stores(by_id[episode_id]).stores.get(agent_id)
+            if store is not None:  # None: a stateless module acts for this agent
+                batch.setdefault(STORE_COLUMN, {})[(episode_id, agent_id, module_id)] = [store]
         return batch
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
+from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from rllib_trajenc.rllib.config import (
-    EncoderChoice, TrajEncoderModelConfig, keeps_state, register_traj_encoder,
+    EncoderChoice, TrajEncoderModelConfig, encoder_names, keeps_state, register_traj_encoder,
 )
 from rllib_trajenc.rllib.connectors import install_connectors
 from rllib_trajenc.rllib.module import TrajEncoderRLModule
@@ -23,8 +24,13 @@ __all__ = ["TrajEncoderRLModule", "register_traj_encoder", "with_traj_encoder"]
 _WARNED: set[str] = set()  # dropout warnings already given: once per process is enough
 
 
-def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_seq_len: int,
-                      encoder_config: Optional[Mapping[str, Any]] = None,
+# A policy's entry in a multi-agent with_traj_encoder: its encoder, or a dict of with_traj_encoder's
+# keyword arguments ("encoder" required, "encoder_config", "max_seq_len", model_config keys).
+PolicyEncoders = Mapping[str, Union[EncoderChoice, Mapping[str, Any]]]
+
+
+def with_traj_encoder(config: AlgorithmConfig, encoder: Union[EncoderChoice, PolicyEncoders], *,
+                      max_seq_len: int, encoder_config: Optional[Mapping[str, Any]] = None,
                       **model_config: Any) -> AlgorithmConfig:
     """Sets ``config``'s RLModule to a TrajEncoderRLModule and installs its connector pieces
     (compact state storage for any number of learners, previous action/reward; see
@@ -32,7 +38,21 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
 
     ``model_config`` takes the other keys of TrajEncoderModelConfig (tstep_dim, head_hiddens, ...).
     Set ``minibatch_size`` (>= max_seq_len), ``batch_mode`` and ``seed`` first. The encoder's
-    dropouts default to 0 here (see ``_dropouts_off``). Single-agent configs only.
+    dropouts default to 0 here (see ``_dropouts_off``).
+
+    Multi-agent: call ``config.multi_agent(policies=..., policy_mapping_fn=...)`` first; every
+    policy gets a TrajEncoderRLModule of its own (in a MultiRLModuleSpec), and agents mapped to
+    one policy share it. ``encoder`` is then one encoder for every policy, or a dict by policy id
+    whose entries are an encoder or a dict of this function's keyword arguments for that policy,
+    which override the shared ones given here::
+
+        with_traj_encoder(config, {"scout": "gru",
+                                   "guard": {"encoder": "transformer", "encoder_config": {"d_model": 64},
+                                             "tstep_dim": 32}},
+                          max_seq_len=32, head_hiddens=[64])
+
+    All policies must agree on ``prev_action`` and ``prev_reward``, which shape every agent's
+    observations.
     """
     # Imported here: AlgorithmConfig loads most of RLlib, which env runners and learners that
     # import this package for the module alone do not need.
@@ -40,11 +60,6 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
 
     if not isinstance(config, AlgorithmConfig):
         raise ValueError(f"config={config!r} must be an AlgorithmConfig instance such as PPOConfig()")
-    if config.is_multi_agent:
-        raise ValueError(f"with_traj_encoder supports single-agent configs only; this config has "
-                         f"policies {sorted(config.policies)}")
-    if not isinstance(encoder_config, (Mapping, type(None))):
-        raise ValueError(f"encoder_config={encoder_config!r} must be a dict of the encoder's kwargs or None")
     if config.batch_mode == "complete_episodes" and config.seed is not None:
         # RLlib 2.60's SingleAgentEnvRunner samples this mode as num_envs whole episodes per
         # sample(), re-seeding its envs with config.seed before each (tests/test_episode_sampling.py).
@@ -54,6 +69,61 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
             "policy can learn them by heart. Keep batch_mode='truncate_episodes' (with fixed-length "
             "episodes, a rollout_fragment_length that is a multiple of their length keeps them whole), "
             "or set debugging(seed=None)")
+    shared = {"encoder": encoder, "encoder_config": encoder_config, "max_seq_len": max_seq_len, **model_config}
+    if not config.is_multi_agent:
+        if isinstance(encoder, Mapping):
+            raise ValueError(f"encoder={dict(encoder)!r} gives encoders by policy, but the config is "
+                             "single-agent: call config.multi_agent(policies=...) first or pass one encoder")
+        model_config, model = _checked_model_config(config, **shared)
+        spec = RLModuleSpec(module_class=TrajEncoderRLModule, model_config=model_config)
+        return install_connectors(config.rl_module(rl_module_spec=spec), model)
+    models = {policy: _checked_policy(config, policy, shared, encoder) for policy in _policies(config, encoder)}
+    _check_same_inputs({policy: model for policy, (_, model) in models.items()})
+    spec = MultiRLModuleSpec(rl_module_specs={
+        policy: RLModuleSpec(module_class=TrajEncoderRLModule, model_config=model_config)
+        for policy, (model_config, _) in models.items()})
+    return install_connectors(config.rl_module(rl_module_spec=spec), next(iter(models.values()))[1])
+
+
+def _policies(config: AlgorithmConfig, encoder: Union[EncoderChoice, PolicyEncoders]) -> list[str]:
+    """The config's policy ids; a dict of encoders must name exactly those."""
+    policies = sorted(config.policies)
+    if isinstance(encoder, Mapping) and set(encoder) != set(policies):
+        raise ValueError(f"encoder gives encoders for policies {sorted(encoder)}, but the config has "
+                         f"policies {policies}: give one entry per policy (or one encoder for all)")
+    return policies
+
+
+def _checked_policy(config: AlgorithmConfig, policy: str, shared: dict[str, Any],
+                    encoder: Union[EncoderChoice, PolicyEncoders]) -> tuple[dict[str, Any], TrajEncoderModelConfig]:
+    """One policy's checked model_config; errors name the policy."""
+    entry = encoder[policy] if isinstance(encoder, Mapping) else encoder
+    if not isinstance(entry, Mapping):
+        entry = {"encoder": entry}
+    if "encoder" not in entry:
+        raise ValueError(f"policy {policy!r}: encoder entry {dict(entry)!r} needs an 'encoder' "
+                         f"(one of {encoder_names()} or a TrajEncoder subclass)")
+    try:
+        return _checked_model_config(config, **{**shared, **entry})
+    except ValueError as error:
+        raise ValueError(f"policy {policy!r}: {error}") from error
+
+
+def _check_same_inputs(models: dict[str, TrajEncoderModelConfig]) -> None:
+    """prev_action/prev_reward rewrite every agent's observations, whichever policy it maps to."""
+    for key in ("prev_action", "prev_reward"):
+        values = {policy: getattr(model, key) for policy, model in models.items()}
+        if len(set(values.values())) > 1:
+            raise ValueError(f"{key} must be the same for every policy, got {values}: it adds the "
+                             "input to every agent's observations")
+
+
+def _checked_model_config(config: AlgorithmConfig, encoder: EncoderChoice, max_seq_len: int,
+                          encoder_config: Optional[Mapping[str, Any]],
+                          **model_config: Any) -> tuple[dict[str, Any], TrajEncoderModelConfig]:
+    """The module's model_config from with_traj_encoder's arguments, and its checked form."""
+    if not isinstance(encoder_config, (Mapping, type(None))):
+        raise ValueError(f"encoder_config={encoder_config!r} must be a dict of the encoder's kwargs or None")
     model_config = {"traj_encoder": encoder, "traj_encoder_config": dict(encoder_config or {}),
                     "max_seq_len": max_seq_len, **model_config}
     model = TrajEncoderModelConfig.from_model_config(model_config)
@@ -68,10 +138,7 @@ def with_traj_encoder(config: AlgorithmConfig, encoder: EncoderChoice, *, max_se
             f"minibatch_size={minibatch_size} is smaller than max_seq_len={model.max_seq_len}; "
             f"RLlib trains a stateful module on whole max_seq_len rows, so set "
             f"config.training(minibatch_size=...) to a multiple of {model.max_seq_len} first")
-    config = config.rl_module(
-        rl_module_spec=RLModuleSpec(module_class=TrajEncoderRLModule, model_config=model_config)
-    )
-    return install_connectors(config, model)
+    return model_config, model
 
 
 def _dropouts_off(config: AlgorithmConfig, model: TrajEncoderModelConfig) -> dict[str, Any]:

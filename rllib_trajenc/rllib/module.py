@@ -254,18 +254,20 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         obs = batch[Columns.OBS]
         lead = tstep_encoder.lead_shape(obs)  # (B,) on env runners without a time dim, else (B, T)
         state_in = batch.get(Columns.STATE_IN)
-        rollout = self._rollout_rows(state_in[ROLLOUT_ROW]) if state_in and ROLLOUT_ROW in state_in else None
-        hidden, t0 = self._state_to_encoder(state_in if rollout is None else rollout.tensors, lead[0])
+        rollout, rows = (self._rollout_rows(state_in[ROLLOUT_ROW]) if state_in and ROLLOUT_ROW in state_in
+                         else (None, None))
+        hidden, t0 = self._state_to_encoder(state_in if rollout is None else rollout.select(rows), lead[0])
         steps = lead[1] if len(lead) == 2 else 1
         time_idxs = (t0.view(-1, 1) + torch.arange(steps, device=t0.device)).unsqueeze(-1)
         x = tstep_encoder(obs, time_idxs.view(*lead, 1)).reshape(lead[0], steps, -1)
-        in_place = {"in_place": True} if rollout is not None and self._encoder_updates_in_place else {}
+        in_place = ({"in_place": True} if rollout is not None and rows is None and self._encoder_updates_in_place
+                    else {})
         with torch.autocast(x.device.type, dtype=self._amp_dtype, enabled=amp and self._amp_dtype is not None):
             out, hidden = traj_encoder(x, time_idxs, hidden_state=hidden, log_dict=log_dict, **in_place)
         out = out.float()  # heads, values and the loss stay fp32 under amp
         state_out = self._state_from_encoder(hidden, t0 + steps)
         if rollout is not None:
-            rollout.update(state_out)
+            rollout.update(state_out, rows)
             state_out = {}
         return (out if len(lead) == 2 else out.squeeze(1)), state_out
 
@@ -278,18 +280,25 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         hidden = {key: value for key, value in state_in.items() if key != TIME_KEY}
         return hidden, state_in[TIME_KEY].long()
 
-    def rollout_state(self, n_envs: int) -> RolloutState:
-        """The running states of an env runner's ``n_envs`` envs, kept here between steps."""
-        if self._rollout is None or self._rollout.n_rows != n_envs:
-            self._rollout = RolloutState(self.get_initial_state(), n_envs, next(self.parameters()).device)
+    def rollout_state(self, min_rows: int = 0) -> RolloutState:
+        """The running states of an env runner's envs (agents, in multi-agent envs), kept here
+        between steps; at least ``min_rows`` rows."""
+        if self._rollout is None:
+            self._rollout = RolloutState(self.get_initial_state(), 0, next(self.parameters()).device)
+        self._rollout.grow(min_rows)
         return self._rollout
 
-    def _rollout_rows(self, rows: torch.Tensor) -> RolloutState:
-        """The RolloutState whose rows STATE_IN names; they must be all its rows, in order."""
-        if self._rollout is None or not torch.equal(rows.cpu(), torch.arange(self._rollout.n_rows)):
-            raise ValueError(f"STATE_IN[{ROLLOUT_ROW!r}]={rows.tolist()} must name every row of the "
-                             "module's rollout state in order (what AddStatesFromEpisodeStore sends)")
-        return self._rollout
+    def _rollout_rows(self, rows: torch.Tensor) -> tuple[RolloutState, Optional[torch.Tensor]]:
+        """The RolloutState whose rows STATE_IN names, and those rows (None: all of them in
+        order, which the encoder may step in place); they must be distinct rows of it."""
+        rows = rows.cpu().long()
+        n_rows = 0 if self._rollout is None else self._rollout.n_rows
+        if n_rows and torch.equal(rows, torch.arange(n_rows)):
+            return self._rollout, None
+        if not (n_rows and len(rows.unique()) == len(rows) and bool(((rows >= 0) & (rows < n_rows)).all())):
+            raise ValueError(f"STATE_IN[{ROLLOUT_ROW!r}]={rows.tolist()} must name distinct rows of the "
+                             f"module's rollout state, 0 to {n_rows - 1} (what AddStatesFromEpisodeStore sends)")
+        return self._rollout, rows.to(self._rollout.tensors[TIME_KEY].device)
 
     @staticmethod
     def _state_from_encoder(hidden: Optional[HiddenState], t: torch.Tensor) -> dict[str, torch.Tensor]:

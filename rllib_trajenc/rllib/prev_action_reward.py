@@ -10,6 +10,9 @@ learner read the very same inputs and no learner-side piece is needed. The modul
 At an episode's first step there is no previous action: discrete spaces get one extra value
 that means "none" (``n`` for ``Discrete(n)``, ``nvec`` for ``MultiDiscrete``), Box actions
 and the reward get zeros.
+
+In multi-agent envs each agent's observations are wrapped with its own previous action and
+reward (the sum of the rewards since it last acted, as RLlib records it), from its own first step.
 """
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ def augmented_space(obs_space: gym.Space, action_space: gym.Space, prev_action: 
 
 
 class AddPrevActionReward(ConnectorV2):
-    """Env-to-module: wraps each episode's newest observation with the previous action/reward.
+    """Env-to-module: wraps each (agent's) episode's newest observation with the previous
+    action/reward. ``multi_agent``: the spaces are Dicts by agent id, as a multi-agent env's are.
 
     Runs once per env step, before the observations are batched; RLlib calls the env-to-module
     pipeline once for every new observation (also the final one of an episode), so every
@@ -69,18 +73,23 @@ class AddPrevActionReward(ConnectorV2):
 
     def __init__(self, input_observation_space: Optional[gym.Space] = None,
                  input_action_space: Optional[gym.Space] = None, *, prev_action: bool = True,
-                 prev_reward: bool = True, **kwargs):
-        self.prev_action, self.prev_reward = prev_action, prev_reward
+                 prev_reward: bool = True, multi_agent: bool = False, **kwargs):
+        self.prev_action, self.prev_reward, self.multi_agent = prev_action, prev_reward, multi_agent
         super().__init__(input_observation_space, input_action_space, **kwargs)
 
     def recompute_output_observation_space(self, input_observation_space: gym.Space,
                                            input_action_space: gym.Space) -> gym.Space:
-        return augmented_space(input_observation_space, input_action_space,
-                               self.prev_action, self.prev_reward)
+        if not self.multi_agent:
+            return augmented_space(input_observation_space, input_action_space,
+                                   self.prev_action, self.prev_reward)
+        return gym.spaces.Dict({agent: augmented_space(space, input_action_space[agent], self.prev_action,
+                                                       self.prev_reward)
+                                for agent, space in input_observation_space.spaces.items()})
 
     def __call__(self, *, rl_module: RLModule, batch: dict, episodes: list, **kwargs) -> Any:
-        spaces = self.observation_space.spaces
         for episode in self.single_agent_episode_iterator(episodes, agents_that_stepped_only=True):
+            space = self.observation_space[episode.agent_id] if self.multi_agent else self.observation_space
+            spaces = space.spaces
             first = episode.t == 0
             wrapped = {OBS: episode.get_observations(-1)}
             if self.prev_action:
@@ -89,5 +98,5 @@ class AddPrevActionReward(ConnectorV2):
             if self.prev_reward:
                 wrapped[PREV_REWARD] = np.array([0.0 if first else episode.get_rewards(-1)], np.float32)
             episode.set_observations(at_indices=-1, new_data=wrapped)
-            episode.observation_space = self.observation_space
+            episode.observation_space = space
         return batch

@@ -6,9 +6,15 @@ memory at every env step, and the stacking alone cost several times the model's 
 Instead, the module keeps a ``RolloutState`` between steps, one row per env; the compact-state
 connector piece claims a row for each episode (loading its state when a new episode, or one
 that was running elsewhere, takes the row) and sends only the row index as STATE_IN.
+
+Multi-agent env runners step only some agents at a time, so a step may name any subset of the
+rows: those rows are gathered, stepped and written back (``select``/``update``), while the whole
+batch in row order keeps the in-place path. Rows go to (env, agent) episodes as they first act
+and are reused once their owner is gone (``row_for``); more agents than rows grow the batch.
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any, Hashable, Optional
 
 import numpy as np
@@ -25,6 +31,7 @@ class RolloutState:
         self.tensors = {key: torch.as_tensor(value).to(device).repeat(n_rows, *[1] * value.ndim)
                         for key, value in initial.items()}
         self.owners: list[Optional[Hashable]] = [None] * n_rows
+        self._row_of: dict[Hashable, int] = {}  # owners' rows, for row_for
 
     @property
     def n_rows(self) -> int:
@@ -38,22 +45,68 @@ class RolloutState:
         source = self.initial if state is None else state
         for key, tensor in self.tensors.items():
             tensor[row].copy_(torch.as_tensor(np.asarray(source[key])))
-        self.owners[row] = owner
+        self._row_of.pop(self.owners[row], None)
+        self.owners[row], self._row_of[owner] = owner, row
         return True
 
-    def update(self, state: dict[str, torch.Tensor]) -> None:
-        """Makes every row hold ``state`` (all rows' states after a step); tensors the encoder
-        already updated in place are the rows themselves and are skipped."""
+    def row_for(self, owner: Hashable, position: int, live: Collection[Hashable],
+                taken: Collection[int]) -> int:
+        """The row ``owner`` holds, else a free one (not ``taken`` in this step, its owner not
+        ``live``), ``position`` first so that a batch in row order keeps the in-place path; the
+        batch grows by a row when none is free."""
+        if owner in self._row_of:
+            return self._row_of[owner]
+        free = [row for row, held in enumerate(self.owners) if row not in taken and held not in live]
+        if free:
+            return position if position in free else free[0]
+        self.grow(self.n_rows + 1)
+        return self.n_rows - 1
+
+    def grow(self, n_rows: int) -> None:
+        """At least ``n_rows`` rows; new ones hold the initial state and no owner."""
+        extra = n_rows - self.n_rows
+        if extra > 0:
+            self.tensors = {key: torch.cat([tensor, tensor.new_tensor(np.asarray(self.initial[key]))
+                                            .repeat(extra, *[1] * (tensor.ndim - 1))])
+                            for key, tensor in self.tensors.items()}
+            self.owners += [None] * extra
+
+    def select(self, rows: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The states of ``rows`` (None: all rows, the tensors themselves; else copies)."""
+        return self.tensors if rows is None else {key: tensor[rows] for key, tensor in self.tensors.items()}
+
+    def update(self, state: dict[str, torch.Tensor], rows: Optional[torch.Tensor] = None) -> None:
+        """Makes ``rows`` (None: every row) hold ``state``, their states after a step; tensors the
+        encoder already updated in place are the rows themselves and are skipped."""
         for key, tensor in self.tensors.items():
-            if state[key] is not tensor:
+            if rows is not None:
+                tensor[rows] = state[key].to(tensor.dtype)
+            elif state[key] is not tensor:
                 tensor.copy_(state[key])
 
-    def row(self, row: int) -> dict[str, torch.Tensor]:
-        """Views of one row: they follow the row as steps update it."""
-        return {key: tensor[row] for key, tensor in self.tensors.items()}
+    def row(self, row: int) -> RowView:
+        """Views of one row: they follow the row as steps update it and the batch grows."""
+        return RowView(self, row)
 
 
-def copy_to_numpy(state: dict[str, Any]) -> State:
+def copy_to_numpy(state: Mapping[str, Any]) -> State:
     """An own copy of a (row view of a) state, as numpy arrays that can be shipped."""
     return {key: (value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)).copy()
             for key, value in state.items()}
+
+
+class RowView(Mapping):
+    """``{key: view of one row}``, read anew at each access: the views stay right when the
+    RolloutState grows (its tensors are then new ones)."""
+
+    def __init__(self, rows: RolloutState, row: int):
+        self.rows, self.index = rows, row
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.rows.tensors[key][self.index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.rows.tensors)
+
+    def __len__(self) -> int:
+        return len(self.rows.tensors)
