@@ -2,13 +2,17 @@
 RLlib's ``torch_compile_learner``."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.metrics import LEARNER_RESULTS
+from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 
 from conftest import ENCODERS, build_module, ppo_config, sample_and_recompute, with_small_encoder
+from rllib_trajenc.rllib.module import DIAGNOSTICS
 from stand_ins import flash_attn, mamba_kernels
 
 STATEFUL = [name for name in ENCODERS if name != "ff"]
@@ -123,3 +127,21 @@ def test_ppo_update_from_carried_state_runs_the_kernels_and_equals_reference(ray
         algo.stop()
     for kind, backend in FUSED_BACKENDS[encoder].items():
         assert stats[f"traj_encoder/{kind}"] == backend
+
+
+def test_backends_survive_the_merge_of_two_learners_metrics(monkeypatch):
+    """RLlib merges an "item" metric from one learner only (two raise an AssertionError at
+    aggregation, which crashed 2-learner Mamba and Transformer runs): rank 0 alone logs it."""
+    module = build_module(encoder="mamba")
+    module.traj_encoder.last_backends = {"scan_backend": "pytorch", "conv_backend": "pytorch"}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    reduced = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        learner = SimpleNamespace(metrics=MetricsLogger(), compute_loss_for_module=lambda **_: torch.zeros(()))
+        module.compute_self_supervised_loss(learner=learner, module_id=DEFAULT_MODULE_ID, config=None,
+                                            batch={}, fwd_out={DIAGNOSTICS: {}})
+        reduced.append(learner.metrics.reduce())
+    root = MetricsLogger(root=True)
+    root.aggregate(reduced)
+    assert root.peek((DEFAULT_MODULE_ID, "traj_encoder/scan_backend")) == "pytorch"

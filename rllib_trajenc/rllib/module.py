@@ -106,6 +106,12 @@ def _compile_where_rllib_skipped(module: TorchRLModule, learner: Learner) -> Non
         module.compile(learner._torch_compile_cfg)
 
 
+def _first_learner() -> bool:
+    """Whether this process is the only learner or rank 0 of the learners' process group."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed or torch.distributed.get_rank() == 0
+
+
 class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, InferenceOnlyAPI,
                           SelfSupervisedLossAPI):
     """Actor-critic RLModule around any TrajEncoder; see TrajEncoderModelConfig for its model_config.
@@ -198,16 +204,19 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         the learner, whose MetricsLogger ends up in ``algo.train()["learners"][module_id]``.
         Using it as a pass-through lets the diagnostics of this very forward_train be logged
         for any algorithm whose Learner keeps RLlib's ``compute_losses`` (PPO, APPO, IMPALA,
-        ...) without a Learner subclass per algorithm. The kernel backends the encoder ran
+        ...) without a Learner subclass per algorithm; they are averaged over the minibatches
+        of one training iteration. The kernel backends the encoder ran
         (``TrajEncoder.last_backends``) are logged as ``traj_encoder/<kind>``, e.g.
-        ``traj_encoder/scan_backend: "mamba_ssm"``. They are averaged over the minibatches
-        of one training iteration. (RLlib's OfflineEvaluationRunner, which calls this hook too
+        ``traj_encoder/scan_backend: "mamba_ssm"``, by the first learner of a DDP group only:
+        RLlib merges an "item" metric from one learner, and all learners run the same code.
+        (RLlib's OfflineEvaluationRunner, which calls this hook too
         but has no ``compute_loss_for_module``, cannot evaluate this module.)
         """
         _compile_where_rllib_skipped(self, learner)
         learner.metrics.log_dict(fwd_out[DIAGNOSTICS], key=module_id, reduce="mean")
-        for kind, backend in self.traj_encoder.last_backends.items():
-            learner.metrics.log_value((module_id, f"traj_encoder/{kind}"), backend, reduce="item")
+        if _first_learner():
+            for kind, backend in self.traj_encoder.last_backends.items():
+                learner.metrics.log_value((module_id, f"traj_encoder/{kind}"), backend, reduce="item")
         return learner.compute_loss_for_module(module_id=module_id, config=config, batch=batch,
                                                fwd_out=fwd_out, **kwargs)
 
