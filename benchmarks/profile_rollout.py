@@ -71,6 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, torch {torch.__version__} with {torch.get_num_threads()} threads; "
           f"{N_ENVS} envs, spec-default sizes")
+    with profile(activities=[ProfilerActivity.CPU]):  # the profiler's own first start is slow
+        torch.ones(1).add_(1)
     for name in args.encoders:
         profile_table(name, args.steps)
 
