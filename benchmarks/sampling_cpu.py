@@ -12,6 +12,11 @@ Two markdown tables:
    and the state bytes it reads, and the bound they set at this machine's measured matmul
    rate and memory read rate (a step must read its whole state: attention reads every cached
    key and value).
+3. Each encoder's vector step against its floor: RLlib's env runner around the MLP (row 1),
+   plus the whole module's multiply-adds at the matmul rate (the encoder's step, counted, plus
+   the timestep encoder and actor head, one multiply-add per weight), plus reading the state.
+Every table is printed at the spec's default sizes and at a size users pick for CPU env runners
+(d_model 128, 2 layers), all measured in one run.
 Usage: python benchmarks/sampling_cpu.py [--rounds 5] [--steps 2048]
 """
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import platform
 import time
 
+import gymnasium as gym
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
@@ -36,6 +42,23 @@ from rllib_trajenc.rllib.compact_state import AddStatesFromEpisodeStore
 
 LSTM, MLP = "rllib_lstm", "rllib_mlp"
 LABELS = {LSTM: "RLlib LSTM-256", MLP: "RLlib MLP [256] (no memory)"}
+# The spec's default sizes, and a size users pick for CPU env runners.
+SIZES: dict[str, dict[str, dict]] = {
+    "default": {name: {} for name in ENCODERS},
+    "small": {"ff": dict(d_model=128, n_layers=2), "gru": dict(d_hidden=128, n_layers=2, d_output=128),
+              "mamba": dict(d_model=128, n_layers=2), "transformer": dict(d_model=128, n_layers=2)},
+}
+SMALL_SUFFIX = " (d_model 128, 2 layers)"
+
+
+def encoder_contenders() -> list[str]:
+    """"gru", ..., then "gru (d_model 128, 2 layers)", ...: one sampling contender per size."""
+    return [name + ("" if size == "default" else SMALL_SUFFIX) for size in SIZES for name in ENCODERS]
+
+
+def encoder_and_size(contender: str) -> tuple[str, dict]:
+    name, small = contender.removesuffix(SMALL_SUFFIX), contender.endswith(SMALL_SUFFIX)
+    return name, SIZES["small" if small else "default"][name]
 
 
 def config_for(contender: str) -> AlgorithmConfig:
@@ -48,7 +71,8 @@ def config_for(contender: str) -> AlgorithmConfig:
             use_lstm=True, lstm_cell_size=256, fcnet_hiddens=[256], max_seq_len=MAX_SEQ_LEN))
     if contender == MLP:  # RLlib's env runner around next to no arithmetic
         return config.rl_module(model_config=DefaultModelConfig(fcnet_hiddens=[256]))
-    return with_traj_encoder(config, contender, max_seq_len=MAX_SEQ_LEN)
+    name, size = encoder_and_size(contender)
+    return with_traj_encoder(config, name, max_seq_len=MAX_SEQ_LEN, encoder_config=size)
 
 
 def median(values: list[float]) -> float:
@@ -78,8 +102,9 @@ class PieceTimer:
         return f"{1e3 * self.seconds[name] / self.calls[name]:.3f}" if self.calls.get(name) else "-"
 
 
-def sampling_table(rounds: int, steps: int) -> None:
-    contenders = [LSTM, MLP, *ENCODERS]
+def sampling_table(rounds: int, steps: int) -> dict[str, float]:
+    """Prints the sampling table; returns each contender's median env steps/s."""
+    contenders = [LSTM, MLP, *encoder_contenders()]
     runners = {name: SingleAgentEnvRunner(config=config_for(name)) for name in contenders}
     for runner in runners.values():  # warm-up: first calls allocate and fill caches
         runner.sample(num_timesteps=steps // 4, explore=True)
@@ -101,6 +126,7 @@ def sampling_table(rounds: int, steps: int) -> None:
         label = LABELS.get(name, name)
         print(f"| {label} | {median(rates[name]):,.0f} | {min(rates[name]):,.0f}-{max(rates[name]):,.0f} "
               f"| {median(rates[name]) / lstm:.2f} | {timer.ms_per_call(name)} |")
+    return {name: median(values) for name, values in rates.items()}
 
 
 def matmul_macs_per_s() -> float:
@@ -116,15 +142,26 @@ def read_bytes_per_s() -> float:
     return big.numel() * 4 / timed(big.sum, 9)
 
 
-def encoder_table(repeats: int) -> None:
+def head_macs(contender: str) -> int:
+    """Multiply-adds per env step of the module outside the encoder (timestep encoder and actor
+    head: one per weight of their linear layers), from the module env runners build."""
+    module = config_for(contender).get_rl_module_spec(env=gym.make("CartPole-v1")).build()
+    return sum(p.numel() for part in (module.tstep_encoder, module.pi) for p in part.parameters() if p.dim() == 2)
+
+
+def encoder_table(repeats: int) -> dict[str, tuple[float, float]]:
+    """Prints the encoder-alone table; returns each contender's (module arithmetic, state read)
+    bound in ms per vector step."""
     rate, bandwidth = matmul_macs_per_s(), read_bytes_per_s()
     print(f"\nmatmul rate here: {rate / 1e9:.1f} G multiply-adds/s ([16, 256] x [256, 1024]); "
           f"memory read rate: {bandwidth / 1e9:.1f} GB/s")
     print("\n| encoder | step latency @ t=10 (ms) | @ t=2,000 (ms) | multiply-adds per env step "
           "| state bytes per env | bound (ms, 16 envs): matmuls / state read |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, cls in ENCODERS.items():
-        enc = cls(TSTEP_DIM, MAX_SEQ_LEN).eval()
+    bounds = {}
+    for contender in encoder_contenders():
+        name, size = encoder_and_size(contender)
+        enc = ENCODERS[name](TSTEP_DIM, MAX_SEQ_LEN, **size).eval()
         latency, macs = [], 0
         for episode_step in (10, 2000):
             step = rollout_step(enc, episode_step)
@@ -134,8 +171,24 @@ def encoder_table(repeats: int) -> None:
             macs = max(macs, counter.get_total_flops() // 2 // N_ENVS)
         state = enc.init_hidden_state(N_ENVS, torch.device("cpu"))
         state_bytes = sum(v.numel() * v.element_size() for v in state.values()) // N_ENVS if state else 0
-        print(f"| {name} | {latency[0]:.2f} | {latency[1]:.2f} | {macs / 1e6:.2f} M | {state_bytes:,} "
+        print(f"| {contender} | {latency[0]:.2f} | {latency[1]:.2f} | {macs / 1e6:.2f} M | {state_bytes:,} "
               f"| {macs * N_ENVS / rate * 1e3:.2f} / {state_bytes * N_ENVS / bandwidth * 1e3:.2f} |", flush=True)
+        bounds[contender] = ((macs + head_macs(contender)) * N_ENVS / rate * 1e3, state_bytes * N_ENVS / bandwidth * 1e3)
+    return bounds
+
+
+def floor_table(rates: dict[str, float], bounds: dict[str, tuple[float, float]]) -> None:
+    """Each encoder's vector step against its floor: RLlib's env runner (the MLP's vector step)
+    + the module's arithmetic + the state read."""
+    runner_ms = 1e3 * N_ENVS / rates[MLP]
+    print(f"\nRLlib's env runner (MLP [256] row): {runner_ms:.2f} ms per vector step of {N_ENVS} envs")
+    print("\n| encoder | vector step (ms) | floor (ms): runner + arithmetic + state read | step / floor "
+          "| env steps/s | vs RLlib's LSTM |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for contender, (arithmetic, read) in bounds.items():
+        step_ms, floor = 1e3 * N_ENVS / rates[contender], runner_ms + arithmetic + read
+        print(f"| {contender} | {step_ms:.2f} | {floor:.2f} = {runner_ms:.2f} + {arithmetic:.2f} + {read:.2f} "
+              f"| {step_ms / floor:.2f}x | {rates[contender]:,.0f} | {rates[contender] / rates[LSTM]:.2f} |")
 
 
 def main() -> None:
@@ -147,8 +200,8 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads; {N_ENVS} envs, "
           f"max_seq_len {MAX_SEQ_LEN}, spec-default encoder sizes, tstep_dim {TSTEP_DIM}")
-    sampling_table(args.rounds, args.steps)
-    encoder_table(args.repeats)
+    rates = sampling_table(args.rounds, args.steps)
+    floor_table(rates, encoder_table(args.repeats))
 
 
 if __name__ == "__main__":

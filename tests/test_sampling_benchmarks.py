@@ -1,0 +1,31 @@
+"""benchmarks/sampling_cpu.py's floor arithmetic and benchmarks/profile_rollout.py's per-op table,
+at tiny scale, so that the env-runner benchmarks cannot rot between their (long) runs."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import profile_rollout  # noqa: E402
+import sampling_cpu  # noqa: E402
+
+
+def test_floor_is_the_runners_step_plus_arithmetic_plus_state_read(capsys):
+    rates = {sampling_cpu.LSTM: 4_000.0, sampling_cpu.MLP: 16_000.0, "gru": 8_000.0}  # env steps/s
+    sampling_cpu.floor_table(rates, {"gru": (0.5, 0.25)})
+    out = capsys.readouterr().out
+    assert "RLlib's env runner (MLP [256] row): 1.00 ms per vector step" in out
+    # 16 envs / 8,000 env steps/s = 2 ms against 1.00 + 0.50 + 0.25 = 1.75 ms
+    assert "| gru | 2.00 | 1.75 = 1.00 + 0.50 + 0.25 | 1.14x | 8,000 | 2.00 |" in out
+
+
+def test_small_size_contenders_build_their_size():
+    name, size = sampling_cpu.encoder_and_size("mamba" + sampling_cpu.SMALL_SUFFIX)
+    assert (name, size) == ("mamba", {"d_model": 128, "n_layers": 2})
+    assert sampling_cpu.head_macs("gru") > 0
+
+
+def test_profile_table_names_the_ops_of_a_module_step(capsys):
+    profile_rollout.profile_table("mamba", steps=2)
+    out = capsys.readouterr().out
+    assert "### mamba:" in out and "| aten::mm |" in out and "(all " in out
