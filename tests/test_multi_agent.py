@@ -7,6 +7,7 @@ import copy
 import functools
 import pickle
 import sys
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -305,3 +306,18 @@ def test_encoders_by_policy_need_a_multi_agent_config():
     with pytest.raises(ValueError, match=r"gives encoders by policy, but the config is single-agent: call "
                                          r"config.multi_agent\(policies=...\) first"):
         with_traj_encoder(ppo_config(), {"pair": "gru"}, max_seq_len=MAX_SEQ_LEN)
+
+
+def test_readme_multi_agent_snippet_builds_one_encoder_per_policy(ray_session):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Multi-agent\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the README's own snippet, run as a user would
+    algo = scope["algo"]
+    try:
+        assert type(algo.get_module("p0").traj_encoder).__name__ == "GRUTrajEncoder"
+        assert type(algo.get_module("p1").traj_encoder).__name__ == "TformerTrajEncoder"
+        assert algo.get_module("p1").traj_encoder.d_model == 64
+    finally:
+        algo.stop()
