@@ -1,5 +1,5 @@
-"""benchmarks/sampling_cpu.py's floor arithmetic and benchmarks/profile_rollout.py's per-op table,
-at tiny scale, so that the env-runner benchmarks cannot rot between their (long) runs."""
+"""The env-runner benchmarks at tiny scale, so that they cannot rot between their (long) runs:
+sampling_cpu.py's floor arithmetic, profile_rollout.py's per-op table, rollout_step_cpu.py's rows."""
 from __future__ import annotations
 
 import sys
@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import profile_rollout  # noqa: E402
+import rollout_step_cpu  # noqa: E402
 import sampling_cpu  # noqa: E402
 
 
@@ -29,3 +30,9 @@ def test_profile_table_names_the_ops_of_a_module_step(capsys):
     profile_rollout.profile_table("mamba", steps=2)
     out = capsys.readouterr().out
     assert "### mamba:" in out and "| aten::mm |" in out and "(all " in out
+
+
+def test_rollout_step_rows_time_every_layout_and_kernel():
+    assert set(rollout_step_cpu.row("transformer", rounds=2)) == {
+        "batch first (SDPA)", "layer first, SDPA", "layer first, explicit"}
+    assert rollout_step_cpu.attention.explicit_attention is rollout_step_cpu.EXPLICIT  # restored

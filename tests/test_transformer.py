@@ -221,7 +221,11 @@ def test_in_place_step_writes_one_slot_per_layer_and_computes_the_same():
     assert all(torch.equal(state[key], before[key]) for key in state)  # the copying path keeps its input
     out, updated = enc(seq[:, -1:], t[:, -1:], hidden_state=state, in_place=True)
     assert updated["k"] is state["k"] and updated["v"] is state["v"]
-    assert torch.equal(out, copied_out) and all(torch.equal(updated[key], copied_state[key]) for key in updated)
+    # The same function; not bit for bit, since the copy's contiguous rings take the explicit
+    # CPU rollout kernel and the strided rings in place take SDPA (FlashAttention.forward).
+    torch.testing.assert_close(out, copied_out, rtol=TOL, atol=TOL)
+    for key in updated:
+        torch.testing.assert_close(updated[key], copied_state[key], rtol=TOL, atol=TOL)
     changed = (state["k"] != before["k"]).any(dim=-1)  # [B, layers, heads, W]
     slot = (LONG - 1) % W
     assert changed[..., slot].all() and not changed[..., [j for j in range(W) if j != slot]].any()
@@ -446,3 +450,27 @@ def test_log_dict_gets_cheap_detached_scalars(sigma_reparam):
     assert set(logs) == expected
     for value in logs.values():
         assert value.dim() == 0 and not value.requires_grad and torch.isfinite(value)
+
+
+@torch.no_grad()
+def test_rollout_step_over_a_layer_first_ring_uses_explicit_attention_and_equals_sdpa(monkeypatch):
+    """Env runners keep the ring layer first (RolloutState), where FlashAttention's CPU rollout
+    step takes two matmuls instead of SDPA: the same outputs and states as over a batch-first
+    ring, which keeps SDPA."""
+    enc = make().eval()
+    seq, t = episode_inputs(4, W + 3)  # the ring has wrapped around
+    _, state = enc(seq[:, :W], t[:, :W], hidden_state=enc.init_hidden_state(4, seq.device))
+    _, state = enc(seq[:, W:], t[:, W:], hidden_state=state)
+    layer_first = {k: v if v.dim() < 3 else v.new_empty((v.shape[1], v.shape[0], *v.shape[2:])).transpose(0, 1).copy_(v)
+                   for k, v in state.items()}
+    calls = []
+    explicit = attention_module.explicit_attention
+    monkeypatch.setattr(attention_module, "explicit_attention", lambda *a, **kw: calls.append(1) or explicit(*a, **kw))
+    step, t_step = torch.randn(4, 1, TSTEP_DIM), torch.full((4, 1, 1), W + 3)
+    out_sdpa, _ = enc(step, t_step, hidden_state=state, in_place=True)
+    assert not calls
+    out_explicit, _ = enc(step, t_step, hidden_state=layer_first, in_place=True)
+    assert len(calls) == enc.n_layers
+    torch.testing.assert_close(out_explicit, out_sdpa, rtol=TOL, atol=TOL)
+    for key in state:
+        torch.testing.assert_close(layer_first[key], state[key], rtol=TOL, atol=TOL)

@@ -150,9 +150,15 @@ class VanillaAttention(SelfAttention):
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if mask is None:
             mask = window_mask(q.shape[2], k.shape[2], window, q.device)
-        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        attn = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        return self.dropout(attn) @ v
+        return explicit_attention(q, k, v, mask, self.dropout)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                       dropout: Optional[nn.Module] = None) -> torch.Tensor:
+    """softmax(QK^T / sqrt(dh)) V over the keys ``mask`` shows, as two batched matmuls."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    attn = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (attn if dropout is None else dropout(attn)) @ v
 
 
 def flash_applies(device: torch.device, dtype: torch.dtype, head_dim: int, fused: bool, varlen: bool) -> bool:
@@ -189,6 +195,13 @@ class FlashAttention(SelfAttention):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         dropout_p, scale = self._dropout_p(), q.shape[-1] ** -0.5
+        if (q.shape[2] == 1 and mask is not None and q.device.type == "cpu" and k.is_contiguous()
+                and v.is_contiguous() and not torch.is_grad_enabled()):
+            # A rollout step on CPU over a ring stored layer first (an env runner's RolloutState):
+            # two batched matrix-vector products beat torch's CPU SDPA kernel there, which tiles
+            # for many queries; on strided rings the matmuls would copy, and SDPA is faster
+            # (benchmarks/rollout_step_cpu.py).
+            return explicit_attention(q, k, v, mask)
         # keys out of time order (a ring) come with a mask, which flash-attn cannot take
         self.last_backend = "sdpa" if mask is not None else flash_backend(q, self.fused_kernels, varlen=False)
         if self.last_backend == "flash_attn":

@@ -28,8 +28,7 @@ class RolloutState:
 
     def __init__(self, initial: State, n_rows: int, device: torch.device):
         self.initial = initial
-        self.tensors = {key: torch.as_tensor(value).to(device).repeat(n_rows, *[1] * value.ndim)
-                        for key, value in initial.items()}
+        self.tensors = {key: _rows_of(torch.as_tensor(value).to(device), n_rows) for key, value in initial.items()}
         self.owners: list[Optional[Hashable]] = [None] * n_rows
         self._row_of: dict[Hashable, int] = {}  # owners' rows, for row_for
 
@@ -66,9 +65,11 @@ class RolloutState:
         """At least ``n_rows`` rows; new ones hold the initial state and no owner."""
         extra = n_rows - self.n_rows
         if extra > 0:
-            self.tensors = {key: torch.cat([tensor, tensor.new_tensor(np.asarray(self.initial[key]))
-                                            .repeat(extra, *[1] * (tensor.ndim - 1))])
-                            for key, tensor in self.tensors.items()}
+            grown = {key: _rows_of(tensor.new_tensor(np.asarray(self.initial[key])), n_rows)
+                     for key, tensor in self.tensors.items()}
+            for key, tensor in self.tensors.items():
+                grown[key][:len(self.owners)].copy_(tensor)
+            self.tensors = grown
             self.owners += [None] * extra
 
     def select(self, rows: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,6 +88,17 @@ class RolloutState:
     def row(self, row: int) -> RowView:
         """Views of one row: they follow the row as steps update it and the batch grows."""
         return RowView(self, row)
+
+
+def _rows_of(value: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``n_rows`` copies of one row's ``value`` as a tensor [n_rows, *value.shape], stored layer
+    first where a row has a layer dim (value.shape[0]): a step then reads and updates each
+    layer's state of all rows as one contiguous block (Mamba's per-layer states, the
+    Transformer's per-layer ring) instead of n_rows strided pieces."""
+    if value.dim() < 2:
+        return value.repeat(n_rows, *[1] * value.dim())
+    rows = value.new_empty((value.shape[0], n_rows, *value.shape[1:])).transpose(0, 1)
+    return rows.copy_(value.expand(n_rows, *value.shape))
 
 
 def copy_to_numpy(state: Mapping[str, Any]) -> State:
