@@ -14,6 +14,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from ray.rllib.algorithms.ppo import PPOConfig  # noqa: E402
 from ray.rllib.connectors.env_to_module import FlattenObservations  # noqa: E402
+from ray.rllib.core import DEFAULT_MODULE_ID  # noqa: E402
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig  # noqa: E402
 
 from examples.tasks import PPO_DEFAULTS, TASKS, Task, register  # noqa: E402
@@ -39,8 +41,8 @@ CONTENDERS = [LSTM, "ff", "gru", "mamba", "transformer"]
 LSTM_CELL = 64  # about the parameter count of SMALL_ENCODERS' memory models
 
 
-def _flatten_observations(env, spaces, device) -> FlattenObservations:
-    return FlattenObservations()
+def _flatten_observations(env, spaces, device, multi_agent: bool) -> FlattenObservations:
+    return FlattenObservations(multi_agent=multi_agent)
 
 
 def build(task: Task, contender: str, seed: int, envs: int) -> PPOConfig:
@@ -51,9 +53,12 @@ def build(task: Task, contender: str, seed: int, envs: int) -> PPOConfig:
         .training(**{**PPO_DEFAULTS, **task.ppo})
         .debugging(seed=seed)
     )
+    if task.multi_agent:  # every contender gets one module per policy
+        config = config.multi_agent(**task.multi_agent)
     if contender == LSTM:
         # RLlib's default models take only Box observations: one-hot Discrete ones first.
-        config = config.env_runners(env_to_module_connector=_flatten_observations)
+        config = config.env_runners(env_to_module_connector=functools.partial(
+            _flatten_observations, multi_agent=bool(task.multi_agent)))
         return config.rl_module(model_config=DefaultModelConfig(
             use_lstm=True, lstm_cell_size=LSTM_CELL, max_seq_len=task.max_seq_len,
             fcnet_hiddens=[64], vf_share_layers=True))
@@ -62,7 +67,8 @@ def build(task: Task, contender: str, seed: int, envs: int) -> PPOConfig:
 
 def run(task: Task, contender: str, seed: int, budget: int, envs: int) -> dict:
     algo = build(task, contender, seed, envs).build_algo()
-    params = sum(p.numel() for p in algo.get_module().parameters())
+    params = sum(p.numel() for policy in task.multi_agent.get("policies", [DEFAULT_MODULE_ID])
+                 for p in algo.get_module(policy).parameters())
     start, steps, ret, to_target, curve = time.time(), 0, float("nan"), None, []
     try:
         while steps < budget and to_target is None:

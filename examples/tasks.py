@@ -32,6 +32,8 @@ class Task:
     # and for one of them only (overriding those).
     module: dict[str, Any] = field(default_factory=dict)
     encoder_module: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # AlgorithmConfig.multi_agent() settings for a multi-agent env (empty: single-agent).
+    multi_agent: dict[str, Any] = field(default_factory=dict)
     # Encoders whose recorded run (README table, docs/results/) reached target_return with
     # these settings; the others run with the same settings but carry no such promise.
     tuned: tuple[str, ...] = ()
@@ -45,6 +47,15 @@ class Task:
 def _stateless_cartpole(config: dict) -> gym.Env:
     from ray.rllib.examples.envs.classes.stateless_cartpole import StatelessCartPole
     return StatelessCartPole(config)
+
+
+def _multi_agent_stateless_cartpole(config: dict) -> Any:
+    from ray.rllib.examples.envs.classes.multi_agent import MultiAgentStatelessCartPole
+    return MultiAgentStatelessCartPole(config)
+
+
+def _policy_per_agent(agent_id: Any, *args: Any, **kwargs: Any) -> str:
+    return f"p{agent_id}"
 
 
 def _delayed_recall(config: dict) -> gym.Env:
@@ -129,13 +140,22 @@ def _long_recall(delay: int, max_seq_len: int, minibatch_size: int, tuned: tuple
         encoder_module={"mamba": mamba_module or {}}, tuned=tuned)
 
 
+STATELESS_CARTPOLE_PPO: dict[str, Any] = {"lr": 5e-4, "vf_loss_coeff": 0.01, "train_batch_size_per_learner": 1024,
+                                          "minibatch_size": 256}
+
 TASKS: dict[str, Task] = {
     "stateless_cartpole": Task(
         env="StatelessCartPole", make_env=_stateless_cartpole, env_config={},
         target_return=150.0, max_env_steps=400_000, max_seq_len=32,
-        ppo={"lr": 5e-4, "vf_loss_coeff": 0.01, "train_batch_size_per_learner": 1024,
-             "minibatch_size": 256},
+        ppo=STATELESS_CARTPOLE_PPO,
         tuned=("gru", "mamba", "transformer")),
+    # Two agents, each on its own StatelessCartPole, each with its own policy and encoder; the
+    # episode return is the two agents' sum, so the target is stateless_cartpole's for each.
+    "multi_agent_stateless_cartpole": Task(
+        env="MultiAgentStatelessCartPole", make_env=_multi_agent_stateless_cartpole,
+        env_config={"num_agents": 2}, target_return=300.0, max_env_steps=800_000, max_seq_len=32,
+        ppo=STATELESS_CARTPOLE_PPO,
+        multi_agent={"policies": {"p0", "p1"}, "policy_mapping_fn": _policy_per_agent}, tuned=("gru",)),
     "delayed_recall": Task(
         env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": 100},
         target_return=0.9, max_env_steps=600_000, max_seq_len=128,

@@ -65,6 +65,8 @@ def build_config(task: Task, args: argparse.Namespace) -> PPOConfig:
         .training(**ppo)
         .debugging(seed=args.seed)
     )
+    if task.multi_agent:  # before with_traj_encoder, which then gives each policy its module
+        config = config.multi_agent(**task.multi_agent)
     # Scaling first: with_traj_encoder picks the state storage that suits num_learners.
     return with_traj_encoder(apply_scaling(config, args), args.encoder,
                              **task.traj_encoder_kwargs(args.encoder))
