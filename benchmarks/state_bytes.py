@@ -9,6 +9,7 @@ the pickled episodes (compact_state.shipped_state_bytes), whole for one learner,
 exactly as LearnerGroup.update shards them for 2 and 4 learners (cut chunks ship their store
 with each piece). StatelessCartPole's untrained episodes are short (~20 steps); Acrobot's last
 500 steps, so there every chunk continues an episode and holds snapshots every max_seq_len steps.
+A last table measures bytes per agent step on 2-agent StatelessCartPole, a policy per agent.
 Usage: python benchmarks/state_bytes.py
 """
 from __future__ import annotations
@@ -22,11 +23,14 @@ import numpy as np
 import ray
 import torch
 import tree
+from ray import cloudpickle
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+from ray.rllib.env.multi_agent_env_runner import MultiAgentEnvRunner
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+from ray.rllib.examples.envs.classes.multi_agent import MultiAgentStatelessCartPole
 from ray.rllib.examples.envs.classes.stateless_cartpole import StatelessCartPole
 
 from rllib_trajenc.rllib import with_traj_encoder
@@ -126,6 +130,42 @@ def print_fragment_table(encoder: str = "transformer", env: str = "Acrobot-v1", 
               f"| {m.full_state / fragment:,.0f} |", flush=True)
 
 
+def _policy_per_agent(agent_id, *args, **kwargs) -> str:
+    return f"p{agent_id}"
+
+
+def multi_agent(config: AlgorithmConfig) -> AlgorithmConfig:
+    """``config`` on 2-agent StatelessCartPole, one policy per agent."""
+    return (config.environment(MultiAgentStatelessCartPole, env_config={"num_agents": 2})
+            .multi_agent(policies={"p0", "p1"}, policy_mapping_fn=_policy_per_agent))
+
+
+def print_multi_agent_table(max_seq_len: int = 256, fragment: int = 256) -> None:
+    """Bytes per agent step on 2-agent StatelessCartPole, one policy each (1 learner: RLlib 2.60
+    cannot shard every multi-agent chunk, README "Multi-agent")."""
+    print(f"\n### 2-agent StatelessCartPole, a policy per agent, max_seq_len={max_seq_len}, "
+          f"rollout_fragment_length={fragment} per env\n")
+    print("| model | how state is stored | bytes / agent step, 1 learner | agent steps measured |")
+    print("|---|---|---:|---:|")
+    rows = [(name, "compact store", with_traj_encoder(multi_agent(ppo_config("StatelessCartPole", fragment)),
+                                                      name, max_seq_len=max_seq_len, tstep_dim=TSTEP_DIM))
+            for name in ENCODERS]
+    rows.append((f"RLlib LSTM (cell {LSTM_CELL})", "STATE_OUT every step",
+                 multi_agent(rllib_lstm("StatelessCartPole", max_seq_len, fragment))))
+    for name, storage, config in rows:
+        runner = MultiAgentEnvRunner(config=config)
+        try:
+            runner.sample()  # warm-up, as in the single-agent table
+            calls = max(1, MEASURED_STEPS // (fragment * N_ENVS))
+            # As the driver receives them from a remote env runner.
+            episodes = cloudpickle.loads(cloudpickle.dumps([e for _ in range(calls) for e in runner.sample()]))
+        finally:
+            runner.stop()
+        agent_steps = sum(len(a) for e in episodes for a in e.agent_episodes.values())
+        per_step = shipped_state_bytes(episodes) / agent_steps
+        print(f"| {name} | {storage} | {per_step:,.0f}{flag(per_step)} | {agent_steps:,} |", flush=True)
+
+
 def main() -> None:
     # One intra-op thread: these are batch-4 single-step forwards, and on a busy machine extra
     # threads mostly wait for each other (10x slower sampling; the bytes are the same).
@@ -136,6 +176,7 @@ def main() -> None:
           "encoders at their default sizes, float32 state.")
     print_storage_table(256)
     print_fragment_table()
+    print_multi_agent_table()
     print("\nNotes: a finished chunk keeps no state of its start when it starts an episode (the "
           "fresh-episode state is never stored). The state after a chunk's last step is not shipped "
           "with it (its successor starts from it); a bootstrap row that starts there is replayed on "

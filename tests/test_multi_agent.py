@@ -23,7 +23,9 @@ from ray.rllib.core.rl_module.multi_rl_module import MultiRLModuleSpec
 from ray.rllib.env.multi_agent_env import MultiAgentEnv
 
 from rllib_trajenc.rllib import TrajEncoderRLModule, with_traj_encoder
-from rllib_trajenc.rllib.compact_state import STORE_COLUMN, StateStore, agent_stores, copy_to_numpy
+from rllib_trajenc.rllib.compact_state import (
+    STORE_COLUMN, StateStore, _bare, agent_stores, copy_to_numpy, shipped_state_bytes,
+)
 from rllib_trajenc.rllib.module import TIME_KEY
 from rllib_trajenc.rllib.prev_action_reward import OBS, PREV_ACTION, PREV_REWARD
 from conftest import ENCODER_CONFIGS, MAX_SEQ_LEN, SMALL_NETS, logp_error, ppo_config
@@ -321,3 +323,19 @@ def test_readme_multi_agent_snippet_builds_one_encoder_per_policy(ray_session):
         assert algo.get_module("p1").traj_encoder.d_model == 64
     finally:
         algo.stop()
+
+
+def test_shipped_state_bytes_count_every_agents_store(ray_session):
+    """benchmarks/state_bytes.py's multi-agent row: our stores are what the bytes measure, and
+    they are gone from the bare copies it subtracts."""
+    algo = two_policies("gru", "mamba").build_algo()
+    try:
+        episodes = sample(algo)
+    finally:
+        algo.stop()
+    assert shipped_state_bytes(episodes) > 0
+    bare = [_bare(e) for e in episodes]
+    assert shipped_state_bytes(bare) == 0
+    assert not any(STORE_COLUMN in a.extra_model_outputs for e in bare for a in e.agent_episodes.values())
+    assert all(len(b.agent_episodes[agent]) == len(a) for e, b in zip(episodes, bare)
+               for agent, a in e.agent_episodes.items())

@@ -41,11 +41,13 @@ fresh-episode state, which is never stored. Shipped state bytes per env step are
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import pickle
 from typing import Any, Hashable, Iterator, Optional
 
 import numpy as np
+from ray import cloudpickle
 from ray.rllib.connectors.common import (
     AddObservationsFromEpisodesToBatch, AddTimeDimToBatchAndZeroPad,
 )
@@ -390,18 +392,24 @@ def learner_pieces() -> list[ConnectorV2]:
             AddStatesFromEpisodeStore(as_learner_connector=True)]
 
 
-def shipped_state_bytes(episodes: list[SingleAgentEpisode]) -> int:
+def shipped_state_bytes(episodes: list[SingleAgentEpisode | MultiAgentEpisode]) -> int:
     """Bytes that encoder state adds to ``episodes`` pickled together, as Ray ships them: our
     stores (through custom_data or the per-step references, observations they re-ship included)
-    or RLlib's per-step STATE_OUT column."""
-    return len(pickle.dumps(episodes, protocol=5)) - len(pickle.dumps([_bare(e) for e in episodes], protocol=5))
+    or RLlib's per-step STATE_OUT column. Multi-agent episodes hold the policy mapping function,
+    which only cloudpickle ships, so they are measured with it."""
+    multi = any(isinstance(e, MultiAgentEpisode) for e in episodes)
+    dumps = functools.partial(cloudpickle.dumps if multi else pickle.dumps, protocol=5)
+    return len(dumps(episodes)) - len(dumps([_bare(e) for e in episodes]))
 
 
-def _bare(episode: SingleAgentEpisode) -> SingleAgentEpisode:
-    """A shallow copy of ``episode`` without any encoder state."""
+def _bare(episode: SingleAgentEpisode | MultiAgentEpisode) -> SingleAgentEpisode | MultiAgentEpisode:
+    """A shallow copy of ``episode`` (and of its agents' episodes) without any encoder state."""
     bare = copy.copy(episode)
-    bare.extra_model_outputs = copy.copy(episode.extra_model_outputs)
-    for column in (STORE_COLUMN, Columns.STATE_OUT):
-        bare.extra_model_outputs.pop(column, None)
+    if isinstance(episode, MultiAgentEpisode):
+        bare.agent_episodes = {agent: _bare(e) for agent, e in episode.agent_episodes.items()}
+    else:
+        bare.extra_model_outputs = copy.copy(episode.extra_model_outputs)
+        for column in (STORE_COLUMN, Columns.STATE_OUT):
+            bare.extra_model_outputs.pop(column, None)
     bare._custom_data = {key: value for key, value in episode.custom_data.items() if key != STORE_KEY}
     return bare
