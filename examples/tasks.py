@@ -58,6 +58,11 @@ def _policy_per_agent(agent_id: Any, *args: Any, **kwargs: Any) -> str:
     return f"p{agent_id}"
 
 
+def _recall_each_other(config: dict) -> Any:
+    from examples.recall_each_other import RecallEachOther
+    return RecallEachOther(config)
+
+
 def _delayed_recall(config: dict) -> gym.Env:
     from rllib_trajenc.envs import DelayedRecall
     return DelayedRecall(config)
@@ -156,6 +161,12 @@ TASKS: dict[str, Task] = {
         env_config={"num_agents": 2}, target_return=300.0, max_env_steps=800_000, max_seq_len=32,
         ppo=STATELESS_CARTPOLE_PPO,
         multi_agent={"policies": {"p0", "p1"}, "policy_mapping_fn": _policy_per_agent}, tuned=("gru",)),
+    # Each agent repeats, 10 noisy steps later, the first action the other took (seen once):
+    # only the query's action is scored, so REPEAT_PREVIOUS_PPO's short horizon fits.
+    "multi_agent_recall_each_other": Task(
+        env="RecallEachOther", make_env=_recall_each_other, env_config={"delay": 10},
+        target_return=1.8, max_env_steps=400_000, max_seq_len=32, ppo=REPEAT_PREVIOUS_PPO,
+        multi_agent={"policies": {"pa", "pb"}, "policy_mapping_fn": _policy_per_agent}),
     "delayed_recall": Task(
         env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": 100},
         target_return=0.9, max_env_steps=600_000, max_seq_len=128,

@@ -63,3 +63,23 @@ def test_a_tasks_module_settings_reach_the_module_in_both_scripts():
     spec.observation_space, spec.action_space = env.observation_space, env.action_space
     assert spec.build().tstep_encoder.mlp.input_gain == 10.0
     assert spec.model_config["traj_encoder_config"]["ssm_init"] == "long_memory"
+
+
+@pytest.mark.parametrize("answer_right, expected", [(True, 2.0), (False, -2.0)])
+def test_recall_each_other_scores_repeating_the_others_first_action(answer_right, expected):
+    from examples.recall_each_other import RecallEachOther
+
+    env = RecallEachOther({"delay": 3, "n_actions": 3})
+    obs, _ = env.reset(seed=0)
+    first = {"a": 1, "b": 2}
+    obs, *_ = env.step(first)
+    assert obs["a"][:3].tolist() == [0, 0, 1] and obs["b"][:3].tolist() == [0, 1, 0]  # the other's choice
+    total, done = 0.0, False
+    while not done:
+        query = obs["a"][3] == 1
+        actions = {"a": 2, "b": 1} if query and answer_right else {"a": 0, "b": 0}
+        obs, rewards, terminateds, _, _ = env.step(actions)
+        total, done = total + sum(rewards.values()), terminateds["__all__"]
+    assert total == expected
+    with pytest.raises(ValueError, match="unknown RecallEachOther options"):
+        RecallEachOther({"dealy": 3})

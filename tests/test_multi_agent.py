@@ -28,6 +28,7 @@ from rllib_trajenc.rllib.compact_state import (
 )
 from rllib_trajenc.rllib.module import TIME_KEY
 from rllib_trajenc.rllib.prev_action_reward import OBS, PREV_ACTION, PREV_REWARD
+from examples.recall_each_other import RecallEachOther
 from conftest import ENCODER_CONFIGS, MAX_SEQ_LEN, SMALL_NETS, logp_error, ppo_config
 
 JOINS, ENDS = 3, 6  # env steps at which agent "c" joins and agent "b" terminates
@@ -339,3 +340,18 @@ def test_shipped_state_bytes_count_every_agents_store(ray_session):
     assert not any(STORE_COLUMN in a.extra_model_outputs for e in bare for a in e.agent_episodes.values())
     assert all(len(b.agent_episodes[agent]) == len(a) for e, b in zip(episodes, bare)
                for agent, a in e.agent_episodes.items())
+
+
+def test_sampling_goes_on_when_every_envs_episode_ends_on_the_same_step(ray_session):
+    """RecallEachOther's episodes all last delay + 3 steps, so every env's ends on one step and no
+    agent acts in that env-to-module pass; STATE_IN must still be there, or RLlib's time-rank
+    piece leaves a flag that breaks every later module-to-env pass of the sample() call."""
+    config = (ppo_config().environment(RecallEachOther, env_config={"delay": 2})
+              .multi_agent(policies={"pa", "pb"}, policy_mapping_fn=functools.partial(policy_of, {"a": "pa", "b": "pb"})))
+    algo = with_traj_encoder(config, "gru", encoder_config=ENCODER_CONFIGS["gru"], max_seq_len=MAX_SEQ_LEN,
+                             **SMALL_NETS).build_algo()
+    try:
+        episodes = sample(algo, calls=2)
+    finally:
+        algo.stop()
+    assert sum(e.is_done for e in episodes) >= 2

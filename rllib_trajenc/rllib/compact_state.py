@@ -298,11 +298,11 @@ class AddStatesFromEpisodeStore(ConnectorV2):
         live = _live_owners(episodes)
         acting: dict[Optional[str], Optional[_Acting]] = {}  # by module id; None: stateless
         stepped: dict[str, set[Hashable]] = {}  # agents prepared, by multi-agent episode
+        # The column even when only stateless modules act, or no agent at all (every env's
+        # episode ended on this step): RLlib's time-rank piece then steps aside every time (the
+        # flag it leaves in shared_data for the module-to-env pipeline would outlive this pass).
+        batch.setdefault(Columns.STATE_IN, {})
         for episode, parent in _agent_episodes(episodes):
-            # The column even when only stateless modules act: RLlib's time-rank piece then steps
-            # aside every time (the flag it leaves in shared_data for the module-to-env pipeline
-            # would outlive this pass).
-            batch.setdefault(Columns.STATE_IN, {})
             if episode.module_id not in acting:
                 acting[episode.module_id] = _Acting.of(_single(rl_module, episode))
             module = acting[episode.module_id]
