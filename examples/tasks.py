@@ -166,7 +166,7 @@ TASKS: dict[str, Task] = {
     "multi_agent_recall_each_other": Task(
         env="RecallEachOther", make_env=_recall_each_other, env_config={"delay": 10},
         target_return=1.8, max_env_steps=400_000, max_seq_len=32, ppo=REPEAT_PREVIOUS_PPO,
-        multi_agent={"policies": {"pa", "pb"}, "policy_mapping_fn": _policy_per_agent}),
+        multi_agent={"policies": {"pa", "pb"}, "policy_mapping_fn": _policy_per_agent}, tuned=("gru",)),
     "delayed_recall": Task(
         env="DelayedRecall", make_env=_delayed_recall, env_config={"delay": 100},
         target_return=0.9, max_env_steps=600_000, max_seq_len=128,
