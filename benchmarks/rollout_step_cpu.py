@@ -21,19 +21,13 @@ import torch.nn.functional as F
 
 from encoders_cpu import ENCODERS, MAX_SEQ_LEN, N_ENVS, TSTEP_DIM, state_at  # same folder
 from rllib_trajenc.nets import attention
+from rllib_trajenc.rllib.rollout_state import layer_first  # what env runners keep
 
 EXPLICIT = attention.explicit_attention
 
 
 def sdpa(q, k, v, mask, dropout=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def layer_first(t: torch.Tensor) -> torch.Tensor:
-    """The same values as ``t`` [B, n_layers, ...], stored layer first."""
-    if t.dim() < 3:
-        return t.clone()
-    return t.new_empty((t.shape[1], t.shape[0], *t.shape[2:])).transpose(0, 1).copy_(t)
 
 
 def variants(name: str) -> dict[str, tuple[Callable, Callable]]:

@@ -139,3 +139,15 @@ def test_rows_go_to_newcomers_once_their_owners_are_gone_and_views_survive_growt
     assert rows.row_for("c", 0, live={"a", "b", "c"}, taken=[]) == 2 and rows.n_rows == 3  # none free: grows
     assert view["h"].tolist() == [4.0, 4.0]  # the view reads the grown tensors
     assert rows.row_for("d", 0, live={"a", "d"}, taken=[]) == 1  # "b" is gone: its row is free
+
+
+def test_rows_are_stored_layer_first_also_after_growing():
+    """Each layer's state of all rows is one contiguous block, which the Transformer's CPU rollout
+    step needs for its matmul path (FlashAttention.forward); rows stay the same values."""
+    initial = {"k": np.arange(24, dtype=np.float32).reshape(3, 2, 4), "t": np.int64(0)}
+    rows = RolloutState(initial, 5, torch.device("cpu"))
+    rows.grow(7)
+    k = rows.tensors["k"]
+    assert k.shape == (7, 3, 2, 4) and all(k[:, layer].is_contiguous() for layer in range(3))
+    assert torch.equal(k, torch.as_tensor(initial["k"]).expand(7, 3, 2, 4))
+    assert rows.tensors["t"].shape == (7,) and rows.tensors["t"].is_contiguous()

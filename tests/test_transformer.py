@@ -21,6 +21,7 @@ from rllib_trajenc.nets.attention import FlashAttention, SelfAttention, VanillaA
 from rllib_trajenc.nets.layers import ACTIVATIONS, NORMS
 from rllib_trajenc.nets.sigma_reparam import SigmaReparamLinear
 from rllib_trajenc.nets.transformer import TformerTrajEncoder
+from rllib_trajenc.rllib.rollout_state import layer_first  # how env runners keep the ring
 
 TOL = 1e-5
 LONG = int(2.5 * W)
@@ -461,16 +462,15 @@ def test_rollout_step_over_a_layer_first_ring_uses_explicit_attention_and_equals
     seq, t = episode_inputs(4, W + 3)  # the ring has wrapped around
     _, state = enc(seq[:, :W], t[:, :W], hidden_state=enc.init_hidden_state(4, seq.device))
     _, state = enc(seq[:, W:], t[:, W:], hidden_state=state)
-    layer_first = {k: v if v.dim() < 3 else v.new_empty((v.shape[1], v.shape[0], *v.shape[2:])).transpose(0, 1).copy_(v)
-                   for k, v in state.items()}
+    stored_layer_first = {key: layer_first(value) for key, value in state.items()}
     calls = []
     explicit = attention_module.explicit_attention
     monkeypatch.setattr(attention_module, "explicit_attention", lambda *a, **kw: calls.append(1) or explicit(*a, **kw))
     step, t_step = torch.randn(4, 1, TSTEP_DIM), torch.full((4, 1, 1), W + 3)
     out_sdpa, _ = enc(step, t_step, hidden_state=state, in_place=True)
     assert not calls
-    out_explicit, _ = enc(step, t_step, hidden_state=layer_first, in_place=True)
+    out_explicit, _ = enc(step, t_step, hidden_state=stored_layer_first, in_place=True)
     assert len(calls) == enc.n_layers
     torch.testing.assert_close(out_explicit, out_sdpa, rtol=TOL, atol=TOL)
     for key in state:
-        torch.testing.assert_close(layer_first[key], state[key], rtol=TOL, atol=TOL)
+        torch.testing.assert_close(stored_layer_first[key], state[key], rtol=TOL, atol=TOL)

@@ -90,15 +90,19 @@ class RolloutState:
         return RowView(self, row)
 
 
+def layer_first(rows: torch.Tensor) -> torch.Tensor:
+    """A copy of ``rows`` [n_rows, n_layers, ...] stored layer first (tensors of fewer dims: a
+    contiguous copy): a step then reads and updates each layer's state of all rows as one
+    contiguous block (Mamba's per-layer states, the Transformer's per-layer ring) instead of
+    n_rows strided pieces."""
+    if rows.dim() < 3:
+        return rows.clone(memory_format=torch.contiguous_format)
+    return rows.new_empty((rows.shape[1], rows.shape[0], *rows.shape[2:])).transpose(0, 1).copy_(rows)
+
+
 def _rows_of(value: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """``n_rows`` copies of one row's ``value`` as a tensor [n_rows, *value.shape], stored layer
-    first where a row has a layer dim (value.shape[0]): a step then reads and updates each
-    layer's state of all rows as one contiguous block (Mamba's per-layer states, the
-    Transformer's per-layer ring) instead of n_rows strided pieces."""
-    if value.dim() < 2:
-        return value.repeat(n_rows, *[1] * value.dim())
-    rows = value.new_empty((value.shape[0], n_rows, *value.shape[1:])).transpose(0, 1)
-    return rows.copy_(value.expand(n_rows, *value.shape))
+    """``n_rows`` copies of one row's ``value`` as a tensor [n_rows, *value.shape], layer first."""
+    return layer_first(value.expand(n_rows, *value.shape))
 
 
 def copy_to_numpy(state: Mapping[str, Any]) -> State:
