@@ -37,6 +37,17 @@ def learner_batch(encoder: str, **model_config) -> tuple[dict, torch.nn.Module, 
     return batch, module, other
 
 
+def assert_ppo_update_reports(encoder: str, backends: dict[str, str]) -> None:
+    """One PPO iteration; its learner results name ``backends`` as traj_encoder/<kind>."""
+    algo = with_small_encoder(ppo_config(), encoder).build_algo()
+    try:
+        stats = algo.train()[LEARNER_RESULTS][DEFAULT_MODULE_ID]
+    finally:
+        algo.stop()
+    for kind, backend in backends.items():
+        assert stats[f"traj_encoder/{kind}"] == backend
+
+
 @pytest.mark.parametrize("encoder", STATEFUL)
 def test_amp_runs_the_learners_encoder_in_bf16_and_the_rest_in_fp32(ray_session, encoder):
     batch, module, amp_module = learner_batch(encoder, amp="bf16")
@@ -69,13 +80,7 @@ def test_repr_names_the_backends_it_would_pick():
 
 @pytest.mark.parametrize("encoder", ["mamba", "transformer"])
 def test_learner_metrics_name_the_backends_of_the_last_update(ray_session, encoder):
-    algo = with_small_encoder(ppo_config(), encoder).build_algo()
-    try:
-        stats = algo.train()[LEARNER_RESULTS][DEFAULT_MODULE_ID]
-    finally:
-        algo.stop()
-    for kind, backend in REFERENCE_BACKENDS[encoder].items():
-        assert stats[f"traj_encoder/{kind}"] == backend
+    assert_ppo_update_reports(encoder, REFERENCE_BACKENDS[encoder])
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)
@@ -120,13 +125,7 @@ def test_ppo_update_from_carried_state_runs_the_kernels_and_equals_reference(ray
     assert reference.traj_encoder.last_backends == REFERENCE_BACKENDS[encoder]
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    algo = with_small_encoder(ppo_config(), encoder).build_algo()
-    try:
-        stats = algo.train()[LEARNER_RESULTS][DEFAULT_MODULE_ID]
-    finally:
-        algo.stop()
-    for kind, backend in FUSED_BACKENDS[encoder].items():
-        assert stats[f"traj_encoder/{kind}"] == backend
+    assert_ppo_update_reports(encoder, FUSED_BACKENDS[encoder])
 
 
 def test_backends_survive_the_merge_of_two_learners_metrics(monkeypatch):

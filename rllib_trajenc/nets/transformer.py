@@ -66,6 +66,12 @@ def ring_steps(n: torch.Tensor, window: int) -> torch.Tensor:
     return last - torch.remainder(last - j, window)
 
 
+def _rollout_step(steps: int) -> bool:
+    """Whether a pass of ``steps`` steps from a state is an env runner's step (one step, no
+    autograd): it attends over the ring with a mask and records no backend."""
+    return steps == 1 and not torch.is_grad_enabled()
+
+
 class AttentionLayer(nn.Module):
     """Multi-head self-attention sublayer with NormFormer's head scales and post-attention norm."""
 
@@ -219,7 +225,7 @@ class TformerTrajEncoder(TrajEncoder):
             state = None
         else:
             x, state = self._continue(x, angles, hidden_state, in_place)
-        if hidden_state is None or x.shape[1] > 1 or torch.is_grad_enabled():  # not a rollout step
+        if hidden_state is None or not _rollout_step(x.shape[1]):
             self.last_backends = {"attention_backend": self.blocks[0].attn.attention.last_backend}
         if log_dict is not None:
             self._log(x, log_dict)
@@ -230,7 +236,7 @@ class TformerTrajEncoder(TrajEncoder):
         """Runs x [B, T, D] on from ``state``; returns the output and the state after it."""
         W, n, T = self.max_seq_len, state["n"], x.shape[1]
         steps = n.unsqueeze(1) + torch.arange(T, device=n.device)
-        if T == 1 and not torch.is_grad_enabled():  # a rollout step attends over the W ring slots
+        if _rollout_step(T):  # it attends over the W ring slots
             keys = steps_mask(steps, ring_steps(n + 1, W), W)
         else:  # a chunk (a learner row): the kernel picks a packing or a mask, shared by every layer
             keys = CarriedKeys(n, T, W)
