@@ -18,30 +18,19 @@ import warnings
 import torch
 import torch._dynamo
 
-from encoders_cpu import ENCODERS, MAX_SEQ_LEN, N_ENVS, TSTEP_DIM, state_at, timed  # same folder
+from encoders_cpu import ENCODERS, MAX_SEQ_LEN, N_ENVS, TSTEP_DIM, rollout_step, timed  # same folder
 
 EPISODE_STEP = 300
 BACKENDS = ("eager", "inductor")
 
 
-def step_of(encoder: torch.nn.Module):
-    """One in-place rollout step of ``encoder`` (compiled or not) from a fresh copy of the state."""
-    state = state_at(encoder, EPISODE_STEP)
-    obs, t_now = torch.randn(N_ENVS, 1, TSTEP_DIM), torch.full((N_ENVS, 1, 1), EPISODE_STEP)
-
-    @torch.no_grad()
-    def step() -> object:
-        return encoder(obs, t_now, hidden_state=state, in_place=True)
-    return step
-
-
 def row(name: str, repeats: int) -> str:
     encoder = ENCODERS[name](TSTEP_DIM, MAX_SEQ_LEN).eval()
-    eager_ms = 1e3 * timed(step_of(encoder), repeats)
+    eager_ms = 1e3 * timed(rollout_step(encoder, EPISODE_STEP), repeats)
     cells = [f"{eager_ms:.2f}"]
     for backend in BACKENDS:
         torch._dynamo.reset()
-        step = step_of(torch.compile(encoder, backend=backend, dynamic=False))
+        step = rollout_step(torch.compile(encoder, backend=backend, dynamic=False), EPISODE_STEP)
         start = time.perf_counter()
         step(), step()
         compile_s = time.perf_counter() - start
