@@ -19,6 +19,7 @@ from ray.rllib.core.rl_module.apis import TARGET_NETWORK_ACTION_DIST_INPUTS
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from rllib_trajenc.nets.ff import FFTrajEncoder
+from rllib_trajenc.rllib import config as config_module
 from rllib_trajenc.rllib import TrajEncoderRLModule, register_traj_encoder, with_traj_encoder
 from conftest import (
     CARTPOLE_OBS, ENCODERS, MAX_SEQ_LEN, build_module, logp_error, model_config, ppo_config,
@@ -172,10 +173,12 @@ def test_plain_rlmodule_spec_ignores_keys_rllib_injects():
     assert isinstance(module, TrajEncoderRLModule)
 
 
-def test_registered_encoder_is_usable_by_name():
+def test_registered_encoder_is_usable_by_name(monkeypatch):
     class TinyFF(FFTrajEncoder):
         pass
 
+    # The registry is global: later tests' error messages list the registered names.
+    monkeypatch.setattr(config_module, "_ENCODERS", dict(config_module._ENCODERS))
     register_traj_encoder("tiny_ff_for_test", TinyFF)
     module = build_module(traj_encoder="tiny_ff_for_test", traj_encoder_config={"d_model": 8, "d_ff": 8})
     assert type(module.traj_encoder) is TinyFF

@@ -110,8 +110,9 @@ class MambaMixer(nn.Module):
         delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
         decay = torch.mul(delta.unsqueeze(-1), -torch.exp(self.A_log)).exp_()  # [B, d_inner, d_state]
         ssm_state.mul_(decay).addcmul_((delta * x.float()).unsqueeze(-1), B.float().unsqueeze(1))
-        y = (ssm_state.float() * C.float().unsqueeze(1)).sum(-1) + self.D.float() * x.float()
-        return self.out_proj((y * F.silu(z.float())).to(x.dtype))
+        # C·h as one reduction (no [B, d_inner, d_state] product), D u added in the same op
+        y = torch.addcmul(torch.linalg.vecdot(ssm_state.float(), C.float().unsqueeze(1)), self.D.float(), x.float())
+        return self.out_proj(y.mul_(F.silu(z.float())).to(x.dtype))
 
 
 # "paper": the paper's initialisation. "long_memory": MambaMixer.long_horizons_ and high_pass_,

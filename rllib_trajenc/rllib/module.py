@@ -261,17 +261,21 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         autocast when ``amp`` and model_config["amp"] ask for it.
         """
         obs = batch[Columns.OBS]
-        lead = tstep_encoder.lead_shape(obs)  # (B,) on env runners without a time dim, else (B, T)
+        lead, device = tstep_encoder.lead_shape_and_device(obs)  # lead: (B,) without a time dim, else (B, T)
         state_in = batch.get(Columns.STATE_IN)
         rollout, rows = (self._rollout_rows(state_in[ROLLOUT_ROW]) if state_in and ROLLOUT_ROW in state_in
                          else (None, None))
-        hidden, t0 = self._state_to_encoder(state_in if rollout is None else rollout.select(rows), lead[0])
+        hidden, t0 = self._state_to_encoder(state_in if rollout is None else rollout.select(rows), lead[0], device)
         steps = lead[1] if len(lead) == 2 else 1
-        time_idxs = (t0.view(-1, 1) + torch.arange(steps, device=t0.device)).unsqueeze(-1)
+        # [B, T, 1]; an env runner's single step needs no arange
+        time_idxs = t0.view(-1, 1, 1) if steps == 1 else (t0.view(-1, 1) + torch.arange(steps, device=device)).unsqueeze(-1)
         x = tstep_encoder(obs, time_idxs.view(*lead, 1)).reshape(lead[0], steps, -1)
         in_place = ({"in_place": True} if rollout is not None and rows is None and self._encoder_updates_in_place
                     else {})
-        with torch.autocast(x.device.type, dtype=self._amp_dtype, enabled=amp and self._amp_dtype is not None):
+        # Entering even a disabled autocast costs as much as a small op, on every env step.
+        autocast = (torch.autocast(device.type, dtype=self._amp_dtype) if amp and self._amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
             out, hidden = traj_encoder(x, time_idxs, hidden_state=hidden, log_dict=log_dict, **in_place)
         out = out.float()  # heads, values and the loss stay fp32 under amp
         state_out = self._state_from_encoder(hidden, t0 + steps)
@@ -280,11 +284,11 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
             state_out = {}
         return (out if len(lead) == 2 else out.squeeze(1)), state_out
 
-    def _state_to_encoder(self, state_in: Optional[dict[str, torch.Tensor]],
-                          batch_size: int) -> tuple[Optional[HiddenState], torch.Tensor]:
+    @staticmethod
+    def _state_to_encoder(state_in: Optional[dict[str, torch.Tensor]], batch_size: int,
+                          device: torch.device) -> tuple[Optional[HiddenState], torch.Tensor]:
         """STATE_IN -> (encoder state or None for an episode start, episode time index [B])."""
         if not state_in:
-            device = next(self.parameters()).device
             return None, torch.zeros(batch_size, dtype=torch.long, device=device)
         hidden = {key: value for key, value in state_in.items() if key != TIME_KEY}
         return hidden, state_in[TIME_KEY].long()
@@ -302,7 +306,7 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         order, which the encoder may step in place); they must be distinct rows of it."""
         rows = rows.cpu().long()
         n_rows = 0 if self._rollout is None else self._rollout.n_rows
-        if n_rows and torch.equal(rows, torch.arange(n_rows)):
+        if n_rows and torch.equal(rows, self._rollout.all_rows):
             return self._rollout, None
         if not (n_rows and len(rows.unique()) == len(rows) and bool(((rows >= 0) & (rows < n_rows)).all())):
             raise ValueError(f"STATE_IN[{ROLLOUT_ROW!r}]={rows.tolist()} must name distinct rows of the "

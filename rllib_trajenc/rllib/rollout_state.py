@@ -31,10 +31,19 @@ class RolloutState:
         self.tensors = {key: _rows_of(torch.as_tensor(value).to(device), n_rows) for key, value in initial.items()}
         self.owners: list[Optional[Hashable]] = [None] * n_rows
         self._row_of: dict[Hashable, int] = {}  # owners' rows, for row_for
+        self._all_rows = torch.arange(n_rows)
 
     @property
     def n_rows(self) -> int:
         return len(self.owners)
+
+    @property
+    def all_rows(self) -> torch.Tensor:
+        """0, 1, ..., n_rows - 1 (CPU): what STATE_IN names when a step takes every row in order;
+        kept, as it is compared at every env step."""
+        if self._all_rows.shape[0] != self.n_rows:
+            self._all_rows = torch.arange(self.n_rows)
+        return self._all_rows
 
     def claim(self, row: int, owner: Hashable, state: Optional[State]) -> bool:
         """Makes ``row`` hold ``owner``'s state; loads ``state`` (None: a fresh episode) and returns

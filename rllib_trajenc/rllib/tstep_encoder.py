@@ -44,7 +44,9 @@ class MLP(nn.Module):
             self.layers[0].bias.div_(input_gain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers[0](x) * self.input_gain
+        x = self.layers[0](x)
+        if self.input_gain != 1.0:  # x * 1.0 == x: an op saved on every env step
+            x = x * self.input_gain
         for layer in self.layers[1:]:
             x = layer(self.act(x))
         return x
@@ -61,6 +63,8 @@ class _Leaf(nn.Module, ABC):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:x.dim() - len(self.event_shape)]
+        if len(lead) == 1:  # an env runner's batch: already [N, *space.shape]
+            return self.encode(x)
         return self.encode(x.reshape(-1, *self.event_shape)).reshape(*lead, self.out_dim)
 
     @abstractmethod
@@ -150,17 +154,17 @@ class TstepEncoder(nn.Module):
         n_features = sum(leaf.out_dim for leaf in leaves) + (time_scale is not None)
         self.mlp = MLP(n_features, hiddens, tstep_dim, activation, input_gain)
 
-    def lead_shape(self, obs: Any) -> torch.Size:
-        """The (batch,) or (batch, time) dims in front of the observations."""
+    def lead_shape_and_device(self, obs: Any) -> tuple[torch.Size, torch.device]:
+        """The (batch,) or (batch, time) dims in front of the observations, and their device."""
         x = self._leaf_input(obs, self.paths[0])
-        return x.shape[:x.dim() - len(self.leaves[0].event_shape)]
+        return x.shape[:x.dim() - len(self.leaves[0].event_shape)], x.device
 
     def forward(self, obs: Any, time_idxs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``time_idxs``: [*lead, 1] episode time indices, needed when ``time_scale`` is set."""
         parts = [leaf(self._leaf_input(obs, path)) for path, leaf in zip(self.paths, self.leaves)]
         if self.time_scale is not None:
             parts.append(time_idxs.to(parts[0].dtype) / self.time_scale)
-        return self.mlp(torch.cat(parts, dim=-1))
+        return self.mlp(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
 
     @staticmethod
     def _leaf_input(obs: Any, path: Path) -> torch.Tensor:
