@@ -6,6 +6,7 @@ dims is kept, so the same module serves env-runner [B, 1, ...] and learner [B, T
 """
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from typing import Any, Optional, Sequence, Union
 
@@ -47,7 +48,7 @@ class MLP(nn.Module):
         x = self.layers[0](x)
         if self.input_gain != 1.0:  # x * 1.0 == x: an op saved on every env step
             x = x * self.input_gain
-        for layer in self.layers[1:]:
+        for layer in itertools.islice(self.layers, 1, None):  # slicing a ModuleList builds a new one
             x = layer(self.act(x))
         return x
 
