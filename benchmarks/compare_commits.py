@@ -95,8 +95,11 @@ def main() -> None:
                               text=True, check=True).stdout.strip()
     head_sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                      text=True, check=True).stdout.strip():
+        head_sha += "+changes"  # the working tree is what runs
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; base {base_sha}, head {head_sha} "
-          f"(working tree); {args.rounds} rounds, processes alternating", flush=True)
+          f"(the working tree); {args.rounds} rounds, processes alternating", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         base_tree = Path(tmp) / "base"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base_tree), args.base], cwd=ROOT, check=True)

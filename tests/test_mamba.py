@@ -484,3 +484,23 @@ def test_bad_input_shape_is_rejected():
     encoder = make_encoder(CONFIGS[0])
     with pytest.raises(ValueError, match=f"tstep_dim={TSTEP_DIM}"):
         encoder(torch.randn(2, 4, TSTEP_DIM + 1))
+
+
+def test_rollout_step_gives_the_same_values_from_a_channel_last_or_a_contiguous_conv_state():
+    """init_hidden_state keeps the conv state channel last, the layout the in-place step reads along
+    channels; a contiguous state (e.g. one a scan returned) must step to exactly the same values."""
+    torch.manual_seed(0)
+    enc = MambaTrajEncoder(6, 16, d_model=8, d_state=4, n_layers=2).eval()
+    fresh = enc.init_hidden_state(3, torch.device("cpu"))
+    assert fresh["conv"].shape == (3, 2, 16, 3) and fresh["conv"].mT.is_contiguous()
+    with torch.no_grad():
+        _, state = enc(torch.randn(3, 5, 6), None, hidden_state=fresh)  # a scan: contiguous states
+        assert state["conv"].is_contiguous()
+        channel_last = {key: value.clone() for key, value in state.items()}
+        channel_last["conv"] = state["conv"].mT.contiguous().mT
+        step = torch.randn(3, 1, 6)
+        out_contiguous, after_contiguous = enc(step, None, hidden_state=state, in_place=True)
+        out_channel_last, after_channel_last = enc(step, None, hidden_state=channel_last, in_place=True)
+    assert torch.equal(out_contiguous, out_channel_last)
+    for key in state:
+        assert torch.equal(after_contiguous[key], after_channel_last[key])

@@ -151,3 +151,16 @@ def test_rows_are_stored_layer_first_also_after_growing():
     assert k.shape == (7, 3, 2, 4) and all(k[:, layer].is_contiguous() for layer in range(3))
     assert torch.equal(k, torch.as_tensor(initial["k"]).expand(7, 3, 2, 4))
     assert rows.tensors["t"].shape == (7,) and rows.tensors["t"].is_contiguous()
+
+
+def test_rows_keep_each_layers_memory_order_within_the_layer():
+    """Mamba's conv state is channel last (a transposed view); its rows keep that order inside each
+    layer's block, so the rollout step reads them along channels, also after growing."""
+    conv = np.zeros((2, 3, 5), dtype=np.float32).transpose(0, 2, 1)  # [n_layers, d_inner, width], channel last
+    conv[...] = np.arange(30, dtype=np.float32).reshape(2, 5, 3)
+    rows = RolloutState({"conv": conv}, 4, torch.device("cpu"))
+    rows.grow(6)
+    stored = rows.tensors["conv"]
+    assert stored.shape == (6, 2, 5, 3)
+    assert all(stored[:, layer].mT.is_contiguous() for layer in range(2))
+    assert torch.equal(stored, torch.as_tensor(conv).expand(6, 2, 5, 3))

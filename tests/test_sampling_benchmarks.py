@@ -1,11 +1,13 @@
 """The env-runner benchmarks at tiny scale, so that they cannot rot between their (long) runs:
-sampling_cpu.py's floor arithmetic, profile_rollout.py's per-op table, rollout_step_cpu.py's rows."""
+sampling_cpu.py's floor arithmetic, profile_rollout.py's per-op table, rollout_step_cpu.py's rows,
+compare_commits.py's measurement of one tree."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare_commits  # noqa: E402
 import profile_rollout  # noqa: E402
 import rollout_step_cpu  # noqa: E402
 import sampling_cpu  # noqa: E402
@@ -36,3 +38,10 @@ def test_rollout_step_rows_time_every_layout_and_kernel():
     assert set(rollout_step_cpu.row("transformer", rounds=2)) == {
         "batch first (SDPA)", "layer first, SDPA", "layer first, explicit"}
     assert rollout_step_cpu.attention.explicit_attention is rollout_step_cpu.EXPLICIT  # restored
+
+
+def test_compare_commits_measures_the_tree_it_is_given():
+    root = Path(__file__).resolve().parents[1]
+    got = compare_commits.measure(root, ["gru"])["gru"]
+    assert set(got) == {"ops", "module_ms", "vector_ms"}
+    assert got["ops"] > 50 and got["module_ms"] > 0 and got["vector_ms"] > got["module_ms"]

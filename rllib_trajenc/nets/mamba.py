@@ -103,9 +103,12 @@ class MambaMixer(nn.Module):
         states themselves.
         """
         x, z = self.in_proj(x).chunk(2, dim=-1)                               # [B, d_inner] each
-        window = torch.cat([conv_state, x.unsqueeze(-1).to(conv_state.dtype)], -1)  # [B, d_inner, d_conv]
-        conv_state.copy_(window[..., 1:])
-        x = F.silu((window.to(x.dtype) * self.conv.weight[:, 0]).sum(-1) + self.conv.bias)
+        # Time-major [B, d_conv, d_inner]: every op runs along contiguous channels when the state
+        # is channel last, as init_hidden_state makes it (any layout gives the same values).
+        past = conv_state.mT
+        window = torch.cat([past, x.unsqueeze(1).to(conv_state.dtype)], 1)
+        past.copy_(window[:, 1:])
+        x = F.silu((window.to(x.dtype) * self.conv.weight[:, 0].T).sum(1) + self.conv.bias)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())
         decay = torch.mul(delta.unsqueeze(-1), -torch.exp(self.A_log)).exp_()  # [B, d_inner, d_state]
@@ -126,7 +129,7 @@ class MambaTrajEncoder(TrajEncoder):
     ``ssm_init`` (keyword-only, beyond the spec's signature) picks one of SSM_INITS.
 
     State: ``{"conv": [B, n_layers, d_inner, d_conv-1], "ssm": [B, n_layers, d_inner, d_state]}``,
-    zeros at the start of an episode. With ``in_place=True`` (inference, no autograd) a one-step
+    zeros at the start of an episode (conv stored channel last; any layout computes the same). With ``in_place=True`` (inference, no autograd) a one-step
     forward updates the state passed in and returns it, instead of scanning and copying.
 
     ``fused_kernels`` is read at every forward. ``last_backends`` names what the last scanning
@@ -167,7 +170,9 @@ class MambaTrajEncoder(TrajEncoder):
 
     def init_hidden_state(self, batch_size: int, device: torch.device) -> HiddenState:
         kw = dict(dtype=self.inp.weight.dtype, device=device)
-        return {"conv": torch.zeros(batch_size, self.n_layers, self.d_inner, self.d_conv - 1, **kw),
+        # conv [B, n_layers, d_inner, d_conv-1] is stored channel last (a transposed view): the
+        # layout of causal-conv1d's states, and the one the rollout step reads along channels.
+        return {"conv": torch.zeros(batch_size, self.n_layers, self.d_conv - 1, self.d_inner, **kw).mT,
                 "ssm": torch.zeros(batch_size, self.n_layers, self.d_inner, self.d_state, **kw)}
 
     def forward(self, seq: torch.Tensor, time_idxs: Optional[torch.Tensor] = None,

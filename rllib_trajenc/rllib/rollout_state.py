@@ -103,10 +103,15 @@ def layer_first(rows: torch.Tensor) -> torch.Tensor:
     """A copy of ``rows`` [n_rows, n_layers, ...] stored layer first (tensors of fewer dims: a
     contiguous copy): a step then reads and updates each layer's state of all rows as one
     contiguous block (Mamba's per-layer states, the Transformer's per-layer ring) instead of
-    n_rows strided pieces."""
+    n_rows strided pieces. Within a row's layer, the dims keep the memory order they have in
+    ``rows`` (Mamba's conv state is kept channel last, which its step and kernel read fastest)."""
     if rows.dim() < 3:
         return rows.clone(memory_format=torch.contiguous_format)
-    return rows.new_empty((rows.shape[1], rows.shape[0], *rows.shape[2:])).transpose(0, 1).copy_(rows)
+    inner_shape, inner_strides = rows.shape[2:], rows.stride()[2:]  # one row's layer
+    order = sorted(range(len(inner_shape)), key=lambda d: -inner_strides[d])  # outermost in memory first
+    stored = rows.new_empty((rows.shape[1], rows.shape[0], *(inner_shape[d] for d in order)))
+    inverse = [order.index(d) for d in range(len(inner_shape))]
+    return stored.permute(1, 0, *(2 + d for d in inverse)).copy_(rows)
 
 
 def _rows_of(value: torch.Tensor, n_rows: int) -> torch.Tensor:
