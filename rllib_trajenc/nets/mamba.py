@@ -129,8 +129,9 @@ class MambaTrajEncoder(TrajEncoder):
     ``ssm_init`` (keyword-only, beyond the spec's signature) picks one of SSM_INITS.
 
     State: ``{"conv": [B, n_layers, d_inner, d_conv-1], "ssm": [B, n_layers, d_inner, d_state]}``,
-    zeros at the start of an episode (conv stored channel last; any layout computes the same). With ``in_place=True`` (inference, no autograd) a one-step
-    forward updates the state passed in and returns it, instead of scanning and copying.
+    zeros at the start of an episode (conv stored channel last; any layout computes the same).
+    With ``in_place=True`` (inference, no autograd) a one-step forward updates the state passed in
+    and returns it, instead of scanning and copying.
 
     ``fused_kernels`` is read at every forward. ``last_backends`` names what the last scanning
     forward ran; the in-place one-step path runs no kernel and leaves it as it was.

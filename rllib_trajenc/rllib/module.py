@@ -268,7 +268,8 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         hidden, t0 = self._state_to_encoder(state_in if rollout is None else rollout.select(rows), lead[0], device)
         steps = lead[1] if len(lead) == 2 else 1
         # [B, T, 1]; an env runner's single step needs no arange
-        time_idxs = t0.view(-1, 1, 1) if steps == 1 else (t0.view(-1, 1) + torch.arange(steps, device=device)).unsqueeze(-1)
+        time_idxs = (t0.view(-1, 1, 1) if steps == 1
+                     else (t0.view(-1, 1) + torch.arange(steps, device=device)).unsqueeze(-1))
         x = tstep_encoder(obs, time_idxs.view(*lead, 1)).reshape(lead[0], steps, -1)
         in_place = ({"in_place": True} if rollout is not None and rows is None and self._encoder_updates_in_place
                     else {})
