@@ -19,7 +19,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from learner_gpu import median_seconds  # same folder
 from rllib_trajenc.nets.attention import VanillaAttention, steps_mask
-from rllib_trajenc.nets.transformer import ring_steps
+from rllib_trajenc.nets.attention import ring_steps
 
 HEADS, HEAD_DIM = 8, 32
 

@@ -47,6 +47,14 @@ def steps_mask(query_steps: torch.Tensor, key_steps: torch.Tensor, window: int) 
     return ((k <= q) & (k > q - window) & (k >= 0)).unsqueeze(1)
 
 
+def ring_steps(n: torch.Tensor, window: int) -> torch.Tensor:
+    """The episode step each slot of a KV-cache ring holds after n [B] steps (step s lives in slot
+    s % window): [B, window], negative for empty slots."""
+    j = torch.arange(window, device=n.device)
+    last = n.unsqueeze(1) - 1
+    return last - torch.remainder(last - j, window)
+
+
 @dataclass
 class CarriedKeys:
     """Which keys the queries of a chunk continued from a KV-cache ring see, in two forms.
@@ -70,7 +78,6 @@ class CarriedKeys:
 
     def mask(self) -> torch.Tensor:
         if self._mask is None:
-            from rllib_trajenc.nets.transformer import ring_steps  # the ring's layout lives there
             chunk = self.n.unsqueeze(1) + torch.arange(self.steps, device=self.n.device)
             self._mask = steps_mask(chunk, torch.cat([ring_steps(self.n, self.window), chunk], 1), self.window)
         return self._mask

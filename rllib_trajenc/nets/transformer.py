@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rllib_trajenc.nets.attention import (
-    CarriedKeys, FlashAttention, SelfAttention, VanillaAttention, flash_applies, steps_mask,
+    CarriedKeys, FlashAttention, SelfAttention, VanillaAttention, flash_applies, ring_steps, steps_mask,
 )
 from rllib_trajenc.nets.base import Backends, HiddenState, TrajEncoder
 from rllib_trajenc.nets.ff import FeedForward
@@ -57,13 +57,6 @@ class KVCache:
 
     def clone(self) -> KVCache:
         return KVCache(self.k.clone(), self.v.clone())
-
-
-def ring_steps(n: torch.Tensor, window: int) -> torch.Tensor:
-    """The episode step each ring slot holds after n [B] steps: [B, W], negative for empty slots."""
-    j = torch.arange(window, device=n.device)
-    last = n.unsqueeze(1) - 1
-    return last - torch.remainder(last - j, window)
 
 
 def _rollout_step(steps: int) -> bool:
