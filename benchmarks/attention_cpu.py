@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from learner_gpu import median_seconds  # same folder
-from rllib_trajenc.nets.attention import VanillaAttention, steps_mask
-from rllib_trajenc.nets.attention import ring_steps
+from rllib_trajenc.nets.attention import VanillaAttention, ring_steps, steps_mask
 
 HEADS, HEAD_DIM = 8, 32
 

@@ -32,21 +32,17 @@ ENCODER_NAMES = ("ff", "gru", "mamba", "transformer")
 def measure(tree: Path, encoders: list[str]) -> dict[str, dict[str, float]]:
     """Runs in a child process whose imports come from ``tree``."""
     sys.path[:0] = [str(tree), str(tree / "benchmarks")]
-    import gymnasium as gym
-    import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from ray.rllib.core.columns import Columns
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
     import rllib_trajenc
     from encoders_cpu import N_ENVS, timed
-    from rllib_trajenc.rllib.module import ROLLOUT_ROW
+    from profile_rollout import module_step
     from sampling_cpu import config_for
 
     if not Path(rllib_trajenc.__file__).resolve().is_relative_to(tree):
         raise RuntimeError(f"imported {rllib_trajenc.__file__}, not the tree {tree}")
-    env = gym.make("CartPole-v1")
     results = {}
     for name in encoders:
         runner = SingleAgentEnvRunner(config=config_for(name))  # seeds: deterministic algorithms on
@@ -54,15 +50,7 @@ def measure(tree: Path, encoders: list[str]) -> dict[str, dict[str, float]]:
         start = time.perf_counter()
         runner.sample(num_timesteps=2048, explore=True)
         vector_ms = 1e3 * (time.perf_counter() - start) / (2048 / N_ENVS)
-        module = config_for(name).get_rl_module_spec(env=env, inference_only=True).build()
-        obs = torch.as_tensor(np.stack([env.observation_space.sample() for _ in range(N_ENVS)]))
-        batch = {Columns.OBS: obs}
-        if module.get_initial_state():
-            module.rollout_state(N_ENVS)
-            batch[Columns.STATE_IN] = {ROLLOUT_ROW: torch.arange(N_ENVS)}
-
-        def step() -> None:
-            module.forward_exploration(batch, t=300)
+        step = module_step(name)
         for _ in range(300):  # well into the episodes: the Transformer's ring is full
             step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:

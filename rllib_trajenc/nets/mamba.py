@@ -114,7 +114,8 @@ class MambaMixer(nn.Module):
         decay = torch.mul(delta.unsqueeze(-1), -torch.exp(self.A_log)).exp_()  # [B, d_inner, d_state]
         ssm_state.mul_(decay).addcmul_((delta * x.float()).unsqueeze(-1), B.float().unsqueeze(1))
         # C·h as one reduction (no [B, d_inner, d_state] product), D u added in the same op
-        y = torch.addcmul(torch.linalg.vecdot(ssm_state.float(), C.float().unsqueeze(1)), self.D.float(), x.float())
+        y = torch.linalg.vecdot(ssm_state.float(), C.float().unsqueeze(1))
+        y = torch.addcmul(y, self.D.float(), x.float())
         return self.out_proj(y.mul_(F.silu(z.float())).to(x.dtype))
 
 
