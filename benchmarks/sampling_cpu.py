@@ -16,7 +16,8 @@ Two markdown tables:
    plus the whole module's multiply-adds at the matmul rate (the encoder's step, counted, plus
    the timestep encoder and actor head, one multiply-add per weight), plus reading the state.
 Every table is printed at the spec's default sizes and at a size users pick for CPU env runners
-(d_model 128, 2 layers), all measured in one run.
+(d_model 128, 2 layers), and for Mamba at the default sizes with model_config["compile_rollout"]
+(where a C++ compiler is found), all measured in one run.
 Usage: python benchmarks/sampling_cpu.py [--rounds 5] [--steps 2048]
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
 from encoders_cpu import (  # same folder: sizes, timing and the rollout step
@@ -39,6 +41,7 @@ from encoders_cpu import (  # same folder: sizes, timing and the rollout step
 )
 from rllib_trajenc.rllib import with_traj_encoder
 from rllib_trajenc.rllib.compact_state import AddStatesFromEpisodeStore
+from rllib_trajenc.rllib.config import TrajEncoderModelConfig
 
 LSTM, MLP = "rllib_lstm", "rllib_mlp"
 LABELS = {LSTM: "RLlib LSTM-256", MLP: "RLlib MLP [256] (no memory)"}
@@ -49,16 +52,29 @@ SIZES: dict[str, dict[str, dict]] = {
               "mamba": dict(d_model=128, n_layers=2), "transformer": dict(d_model=128, n_layers=2)},
 }
 SMALL_SUFFIX = " (d_model 128, 2 layers)"
+# Mamba at the spec's default sizes with model_config["compile_rollout"]: its step through inductor.
+COMPILED = "mamba (compile_rollout)"
 
 
 def encoder_contenders() -> list[str]:
-    """"gru", ..., then "gru (d_model 128, 2 layers)", ...: one sampling contender per size."""
-    return [name + ("" if size == "default" else SMALL_SUFFIX) for size in SIZES for name in ENCODERS]
+    """"gru", ..., then "gru (d_model 128, 2 layers)", ..., then COMPILED where a C++ compiler
+    lets inductor build it: one sampling contender per size."""
+    contenders = [name + ("" if size == "default" else SMALL_SUFFIX) for size in SIZES for name in ENCODERS]
+    try:
+        TrajEncoderModelConfig.from_model_config({"traj_encoder": "mamba", "max_seq_len": MAX_SEQ_LEN,
+                                                  "compile_rollout": True})
+    except ValueError as error:
+        print(f"left out: {COMPILED} ({error})")
+        return contenders
+    return contenders + [COMPILED]
 
 
-def encoder_and_size(contender: str) -> tuple[str, dict]:
+def contender_settings(contender: str) -> tuple[str, dict, dict]:
+    """(encoder name, its encoder_config, further model_config keys) of a contender."""
+    if contender == COMPILED:
+        return "mamba", {}, {"compile_rollout": True}
     name, small = contender.removesuffix(SMALL_SUFFIX), contender.endswith(SMALL_SUFFIX)
-    return name, SIZES["small" if small else "default"][name]
+    return name, SIZES["small" if small else "default"][name], {}
 
 
 def config_for(contender: str) -> AlgorithmConfig:
@@ -71,8 +87,13 @@ def config_for(contender: str) -> AlgorithmConfig:
             use_lstm=True, lstm_cell_size=256, fcnet_hiddens=[256], max_seq_len=MAX_SEQ_LEN))
     if contender == MLP:  # RLlib's env runner around next to no arithmetic
         return config.rl_module(model_config=DefaultModelConfig(fcnet_hiddens=[256]))
-    name, size = encoder_and_size(contender)
-    return with_traj_encoder(config, name, max_seq_len=MAX_SEQ_LEN, encoder_config=size)
+    name, size, model_config = contender_settings(contender)
+    return with_traj_encoder(config, name, max_seq_len=MAX_SEQ_LEN, encoder_config=size, **model_config)
+
+
+def module_for(contender: str) -> RLModule:
+    """The module env runners build for ``contender``."""
+    return config_for(contender).get_rl_module_spec(env=gym.make("CartPole-v1"), inference_only=True).build()
 
 
 def median(values: list[float]) -> float:
@@ -145,7 +166,7 @@ def read_bytes_per_s() -> float:
 def head_macs(contender: str) -> int:
     """Multiply-adds per env step of the module outside the encoder (timestep encoder and actor
     head: one per weight of their linear layers), from the module env runners build."""
-    module = config_for(contender).get_rl_module_spec(env=gym.make("CartPole-v1")).build()
+    module = module_for(contender)
     return sum(p.numel() for part in (module.tstep_encoder, module.pi) for p in part.parameters() if p.dim() == 2)
 
 
@@ -160,12 +181,14 @@ def encoder_table(repeats: int) -> dict[str, tuple[float, float]]:
     print("|---|---:|---:|---:|---:|---:|")
     bounds = {}
     for contender in encoder_contenders():
-        name, size = encoder_and_size(contender)
+        name, size, model_config = contender_settings(contender)
         enc = ENCODERS[name](TSTEP_DIM, MAX_SEQ_LEN, **size).eval()
         latency, macs = [], 0
         for episode_step in (10, 2000):
             step = rollout_step(enc, episode_step)
+            enc.compile_rollout = model_config.get("compile_rollout", False)
             latency.append(1e3 * timed(step, repeats))
+            enc.compile_rollout = False  # the same arithmetic, counted where the counter sees the ops
             with FlopCounterMode(display=False) as counter:
                 step()
             macs = max(macs, counter.get_total_flops() // 2 // N_ENVS)

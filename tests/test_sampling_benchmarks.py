@@ -22,9 +22,11 @@ def test_floor_is_the_runners_step_plus_arithmetic_plus_state_read(capsys):
     assert "| gru | 2.00 | 1.75 = 1.00 + 0.50 + 0.25 | 1.14x | 8,000 | 2.00 |" in out
 
 
-def test_small_size_contenders_build_their_size():
-    name, size = sampling_cpu.encoder_and_size("mamba" + sampling_cpu.SMALL_SUFFIX)
-    assert (name, size) == ("mamba", {"d_model": 128, "n_layers": 2})
+def test_contenders_build_their_size_and_settings():
+    assert sampling_cpu.contender_settings("mamba" + sampling_cpu.SMALL_SUFFIX) == (
+        "mamba", {"d_model": 128, "n_layers": 2}, {})
+    assert sampling_cpu.contender_settings(sampling_cpu.COMPILED) == ("mamba", {}, {"compile_rollout": True})
+    assert sampling_cpu.module_for(sampling_cpu.COMPILED).traj_encoder.compile_rollout
     assert sampling_cpu.head_macs("gru") > 0
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -40,7 +40,14 @@ class TrajEncoder(nn.Module, ABC):
     pure-PyTorch reference path, which computes the same function. ``last_backends`` names the
     backends the last forward ran (see ``Backends``); ``kernel_backends`` those a training forward
     would pick for a device and dtype.
+
+    ``compile_rollout`` (default False) runs the in-place one-step update through torch.compile,
+    in encoders where that is measured to be faster (``compiles_rollout_step``).
     """
+
+    # Whether torch.compile speeds up this encoder's in-place rollout step
+    # (benchmarks/compile_rollout_cpu.py); model_config["compile_rollout"] refuses the others.
+    compiles_rollout_step: ClassVar[bool] = False
 
     def __init__(self, tstep_dim: int, max_seq_len: int):
         super().__init__()
@@ -48,6 +55,7 @@ class TrajEncoder(nn.Module, ABC):
         self.tstep_dim = tstep_dim
         self.max_seq_len = max_seq_len
         self.fused_kernels = True
+        self.compile_rollout = False
         self.last_backends: Backends = {}
 
     def kernel_backends(self, device: torch.device, dtype: torch.dtype) -> Backends:

@@ -6,8 +6,10 @@ whole sequences uses a parallel scan.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from rllib_trajenc.nets.base import Backends, HiddenState, TrajEncoder
 from rllib_trajenc.nets.layers import check_choice, check_positive, make_norm
 from rllib_trajenc.nets.selective_scan import conv_backend, run_causal_conv1d, run_selective_scan, scan_backend
+
+logger = logging.getLogger(__name__)
 
 
 class MambaMixer(nn.Module):
@@ -135,8 +139,13 @@ class MambaTrajEncoder(TrajEncoder):
     and returns it, instead of scanning and copying.
 
     ``fused_kernels`` is read at every forward. ``last_backends`` names what the last scanning
-    forward ran; the in-place one-step path runs no kernel and leaves it as it was.
+    forward ran; the in-place one-step path runs no kernel and leaves it as it was. With
+    ``compile_rollout`` that path runs ``_step_`` compiled by torch.compile (inductor fuses the
+    elementwise state update; on CPU it needs a C++ compiler), built on the process's first such
+    step and shared by every encoder of the same sizes.
     """
+
+    compiles_rollout_step = True
 
     def __init__(self, tstep_dim: int, max_seq_len: int, d_model: int = 256, d_state: int = 16,
                  d_conv: int = 4, expand: int = 2, n_layers: int = 3, norm: str = "layer", *,
@@ -184,7 +193,8 @@ class MambaTrajEncoder(TrajEncoder):
         self.check_input(seq, in_place)
         x = self.inp(seq)
         if in_place and hidden_state is not None and seq.shape[1] == 1:
-            return self._step_(x, hidden_state), hidden_state
+            step = _compiled_step() if self.compile_rollout else MambaTrajEncoder._step_
+            return step(self, x, hidden_state), hidden_state
         if hidden_state is None:
             states = [(None, None)] * self.n_layers
         else:
@@ -209,3 +219,12 @@ class MambaTrajEncoder(TrajEncoder):
         for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers)):
             x = x + mixer.step_(norm(x), state["conv"][:, i], state["ssm"][:, i])
         return self.out_norm(x).unsqueeze(1)
+
+
+@functools.cache
+def _compiled_step() -> Callable[[MambaTrajEncoder, torch.Tensor, HiddenState], torch.Tensor]:
+    """MambaTrajEncoder._step_ through torch.compile. It compiles on its first call for each
+    shape of input and state (seconds); parameters stay inputs, so weight syncs need no recompile."""
+    logger.info("rllib_trajenc: compiling MambaTrajEncoder's rollout step with torch.compile "
+                "on its first call (once per process and state shape)")
+    return torch.compile(MambaTrajEncoder._step_, dynamic=False)

@@ -76,6 +76,10 @@ class TrajEncoderModelConfig:
     amp: Optional[str] = None
     # False forces the pure-PyTorch reference path even where fused kernels are installed.
     fused_kernels: bool = True
+    # True: env runners run the encoder's one-step update through torch.compile (Mamba only: the
+    # one encoder it speeds up), compiled on each env runner's first step; on CPU it needs a C++
+    # compiler on every node that builds the module.
+    compile_rollout: bool = False
 
     @classmethod
     def valid_keys(cls) -> list[str]:
@@ -102,7 +106,7 @@ class TrajEncoderModelConfig:
         check_positive(**{f"tstep_hiddens[{i}]": h for i, h in enumerate(self.tstep_hiddens)})
         check_positive(**{f"head_hiddens[{i}]": h for i, h in enumerate(self.head_hiddens)})
         check_choice("activation", self.activation, ACTIVATIONS)
-        for key in ("prev_action", "prev_reward", "fused_kernels"):
+        for key in ("prev_action", "prev_reward", "fused_kernels", "compile_rollout"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key}={getattr(self, key)!r} must be True or False")
         if self.time_scale is not None:
@@ -114,10 +118,13 @@ class TrajEncoderModelConfig:
             raise ValueError(f"amp={self.amp!r} is not supported; choose one of {list(AMP_MODES)} "
                              "(None: fp32 everywhere; 'bf16': the learner's encoder under bf16 autocast)")
         _check_encoder_kwargs(self.traj_encoder_cls, self.traj_encoder_config)
+        if self.compile_rollout:
+            _check_rollout_compiles(self.traj_encoder_cls)
 
     def build_traj_encoder(self) -> TrajEncoder:
         encoder = self.traj_encoder_cls(self.tstep_dim, self.max_seq_len, **self.traj_encoder_config)
         encoder.fused_kernels = self.fused_kernels
+        encoder.compile_rollout = self.compile_rollout
         if self.time_scale is not None and not keeps_state(encoder):
             # A stateless module gets no STATE_IN, so it never learns the episode step.
             raise ValueError(f"time_scale={self.time_scale!r} needs an encoder with memory; "
@@ -168,3 +175,21 @@ def _check_encoder_kwargs(cls: type[TrajEncoder], kwargs: Mapping[str, Any]) -> 
             "(tstep_dim and max_seq_len come from model_config)"
         )
 
+
+
+def _check_rollout_compiles(cls: type[TrajEncoder]) -> None:
+    """compile_rollout=True needs an encoder whose step gains from it and a C++ compiler for
+    inductor's CPU kernels; without one, the first env step would fail on a remote env runner."""
+    if not cls.compiles_rollout_step:
+        supported = [name for name, enc in sorted(_ENCODERS.items()) if enc.compiles_rollout_step]
+        raise ValueError(f"compile_rollout=True is supported for the encoders {supported} only: "
+                         f"torch.compile does not speed up {cls.__name__}'s rollout step "
+                         "(benchmarks/compile_rollout_cpu.py); leave compile_rollout=False")
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        raise ValueError("compile_rollout=True needs a C++ compiler for torch.compile's CPU kernels "
+                         "and found none (it looks for g++, or $CXX): install one on every node, "
+                         "or set compile_rollout=False") from None
