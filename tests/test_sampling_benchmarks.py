@@ -1,6 +1,6 @@
 """The env-runner benchmarks at tiny scale, so that they cannot rot between their (long) runs:
 sampling_cpu.py's floor arithmetic, profile_rollout.py's per-op table, rollout_step_cpu.py's rows,
-compare_commits.py's measurement of one tree."""
+compare_commits.py's measurement of one tree, runner_split.py's parts of a vector step."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_commits  # noqa: E402
 import profile_rollout  # noqa: E402
 import rollout_step_cpu  # noqa: E402
+import runner_split  # noqa: E402
 import sampling_cpu  # noqa: E402
 
 
@@ -47,3 +48,11 @@ def test_compare_commits_measures_the_tree_it_is_given():
     got = compare_commits.measure(root, ["gru"])["gru"]
     assert set(got) == {"ops", "module_ms", "vector_ms"}
     assert got["ops"] > 50 and got["module_ms"] > 0 and got["vector_ms"] > got["module_ms"]
+
+
+def test_runner_split_times_each_part_of_the_vector_step():
+    split = runner_split.runner_split("gru", steps=64)
+    assert set(split) == {*runner_split.PARTS, "vector step"}
+    assert 0 < sum(split[part] for part in runner_split.PARTS) < split["vector step"]
+    hot, cold = runner_split.module_alone("gru")
+    assert hot > 0 and cold > 0
