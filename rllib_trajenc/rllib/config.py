@@ -176,7 +176,6 @@ def _check_encoder_kwargs(cls: type[TrajEncoder], kwargs: Mapping[str, Any]) -> 
         )
 
 
-
 def _check_rollout_compiles(cls: type[TrajEncoder]) -> None:
     """compile_rollout=True needs an encoder whose step gains from it and a C++ compiler for
     inductor's CPU kernels; without one, the first env step would fail on a remote env runner."""
