@@ -4,7 +4,10 @@ Each encoder at the spec's default sizes takes one rollout step of 16 envs at ep
 (in place, no autograd, as env runners take it), timed eager, under dynamo with the "eager"
 backend (the captured graph replayed without nn.Module and Python overhead, no C++ compiler
 needed) and under inductor (fused C++ kernels; needs a compiler on every env-runner node),
-side by side in one run; the first two compiled calls' wall time is the compile cost.
+side by side in one run; the first two compiled calls' wall time is the compile cost. Encoders
+that take model_config["compile_rollout"] (Mamba) get one more column: the encoder eager, its
+in-place step alone compiled, as env runners run it with that setting. Run with a fresh
+TORCHINDUCTOR_CACHE_DIR for cold compile times.
 Usage: python benchmarks/compile_rollout_cpu.py [--encoders ff gru mamba transformer] [--repeats 100]
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import platform
 import time
 import warnings
+from typing import Callable
 
 import torch
 import torch._dynamo
@@ -24,19 +28,35 @@ EPISODE_STEP = 300
 BACKENDS = ("eager", "inductor")
 
 
+def timed_with_compile(step: Callable[[], object], eager_ms: float, repeats: int) -> str:
+    """"ms (vs eager ratio, seconds of the first two calls: the compile)" of a compiled step."""
+    start = time.perf_counter()
+    step(), step()
+    compile_s = time.perf_counter() - start
+    ms = 1e3 * timed(step, repeats)
+    return f"{ms:.2f} ({ms / eager_ms:.2f}x, {compile_s:.1f} s)"
+
+
+def compiled_rollout_cell(encoder: torch.nn.Module, eager_ms: float, repeats: int) -> str:
+    torch._dynamo.reset()
+    encoder.compile_rollout = True
+    try:
+        return timed_with_compile(rollout_step(encoder, EPISODE_STEP), eager_ms, repeats)
+    finally:
+        encoder.compile_rollout = False
+
+
 def row(name: str, repeats: int) -> str:
     encoder = ENCODERS[name](TSTEP_DIM, MAX_SEQ_LEN).eval()
     eager_ms = 1e3 * timed(rollout_step(encoder, EPISODE_STEP), repeats)
+    # first, so that a fresh TORCHINDUCTOR_CACHE_DIR gives its cold compile time
+    rollout_cell = compiled_rollout_cell(encoder, eager_ms, repeats) if encoder.compiles_rollout_step else "-"
     cells = [f"{eager_ms:.2f}"]
     for backend in BACKENDS:
         torch._dynamo.reset()
         step = rollout_step(torch.compile(encoder, backend=backend, dynamic=False), EPISODE_STEP)
-        start = time.perf_counter()
-        step(), step()
-        compile_s = time.perf_counter() - start
-        ms = 1e3 * timed(step, repeats)
-        cells.append(f"{ms:.2f} ({ms / eager_ms:.2f}x, {compile_s:.1f} s)")
-    return f"| {name} | " + " | ".join(cells) + " |"
+        cells.append(timed_with_compile(step, eager_ms, repeats))
+    return f"| {name} | " + " | ".join([*cells, rollout_cell]) + " |"
 
 
 def main() -> None:
@@ -48,7 +68,8 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads; {N_ENVS} envs at episode step {EPISODE_STEP}, spec-default sizes")
     print("\n| encoder | eager (ms per step) | dynamo, eager backend (ms; vs eager; compile) "
-          "| inductor (ms; vs eager; compile) |\n|---|---:|---:|---:|")
+          "| inductor (ms; vs eager; compile) | compile_rollout: the step alone (ms; vs eager; compile) |"
+          "\n|---|---:|---:|---:|---:|")
     for name in args.encoders:
         print(row(name, args.repeats), flush=True)
 
