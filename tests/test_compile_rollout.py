@@ -4,6 +4,8 @@ at config time."""
 from __future__ import annotations
 
 import copy
+import importlib
+import math
 
 import pytest
 import torch
@@ -113,3 +115,21 @@ def test_compile_rollout_without_a_cpp_compiler_fails_at_config_time(monkeypatch
     with pytest.raises(ValueError, match="compile_rollout=True needs a C\\+\\+ compiler"):
         TrajEncoderModelConfig.from_model_config(model_config("mamba", compile_rollout=True))
     TrajEncoderModelConfig.from_model_config(model_config("mamba"))  # off: no compiler needed
+
+
+@needs_compiler
+def test_a_remote_env_runner_compiles_its_step_and_ppo_trains(ray_session):
+    """Where the setting matters: env runners are Ray actors, each compiling in its own process."""
+    algo = with_traj_encoder(ppo_config().env_runners(num_env_runners=1), "mamba", max_seq_len=MAX_SEQ_LEN,
+                             encoder_config=ENCODER_CONFIGS["mamba"], compile_rollout=True, **SMALL_NETS).build_algo()
+    try:
+        result = algo.train()
+        remote = algo.env_runner_group.foreach_env_runner(
+            lambda runner: (runner.module.traj_encoder.compile_rollout,
+                            importlib.import_module("torch._dynamo.utils").counters["stats"]["unique_graphs"]),
+            local_env_runner=False)
+        assert len(remote) == 1 and remote[0][0] and remote[0][1] >= 1  # its own process compiled
+        assert result["env_runners"]["num_env_steps_sampled_lifetime"] >= 64
+        assert math.isfinite(result["learners"]["default_policy"]["total_loss"])
+    finally:
+        algo.stop()
