@@ -23,11 +23,12 @@ from encoders_cpu import ENCODERS, MAX_SEQ_LEN, N_ENVS, TSTEP_DIM, state_at  # s
 from rllib_trajenc.nets import attention
 from rllib_trajenc.rllib.rollout_state import layer_first  # what env runners keep
 
-EXPLICIT = attention.explicit_attention
+EXPLICIT = attention.ring_attention
 
 
-def sdpa(q, k, v, mask, dropout=None):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def sdpa(q, k, v, bias):
+    """torch's SDPA in place of ring_attention, with the same additive mask."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(*q.shape[:2], 1, -1))
 
 
 def variants(name: str) -> dict[str, tuple[Callable, Callable]]:
@@ -50,11 +51,11 @@ def row(name: str, rounds: int) -> dict[str, float]:
     times: dict[str, list[float]] = {label: [] for label in cases}
     for _ in range(rounds):
         for label, (_, kernel) in cases.items():
-            attention.explicit_attention = kernel
+            attention.ring_attention = kernel
             begin = time.perf_counter()
             enc(obs, t, hidden_state=states[label], in_place=True)
             times[label].append(time.perf_counter() - begin)
-    attention.explicit_attention = EXPLICIT
+    attention.ring_attention = EXPLICIT
     return {label: 1e3 * sorted(v)[len(v) // 2] for label, v in times.items()}
 
 

@@ -40,7 +40,7 @@ def test_profile_table_names_the_ops_of_a_module_step(capsys):
 def test_rollout_step_rows_time_every_layout_and_kernel():
     assert set(rollout_step_cpu.row("transformer", rounds=2)) == {
         "batch first (SDPA)", "layer first, SDPA", "layer first, explicit"}
-    assert rollout_step_cpu.attention.explicit_attention is rollout_step_cpu.EXPLICIT  # restored
+    assert rollout_step_cpu.attention.ring_attention is rollout_step_cpu.EXPLICIT  # restored
 
 
 def test_compare_commits_measures_the_tree_it_is_given():

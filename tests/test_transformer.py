@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import rllib_trajenc.nets.attention as attention_module
 import rllib_trajenc.nets.transformer as transformer_module
 from conftest import MAX_SEQ_LEN as W, TSTEP_DIM, episode_inputs
-from rllib_trajenc.nets.attention import FlashAttention, SelfAttention, VanillaAttention, steps_mask
+from rllib_trajenc.nets.attention import FlashAttention, RingKeys, SelfAttention, VanillaAttention, ring_steps, steps_mask
 from rllib_trajenc.nets.layers import ACTIVATIONS, NORMS
 from rllib_trajenc.nets.sigma_reparam import SigmaReparamLinear
 from rllib_trajenc.nets.transformer import TformerTrajEncoder
@@ -271,7 +271,7 @@ def test_kernels_match_brute_force_on_a_ring_of_keys(kernel, window):
     """Keys in slot order (a ring), some slots empty (negative steps), a different count per row."""
     q, k, v = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 9, 4), torch.randn(3, 2, 9, 4)
     n = torch.tensor([2, 9, 23])  # steps seen, this step included
-    key_steps = transformer_module.ring_steps(n, 9)
+    key_steps = ring_steps(n, 9)
     query_steps = (n - 1).unsqueeze(1)
     got = kernel(0.0)(q, k, v, window, steps_mask(query_steps, key_steps, window))
     s = query_steps[:, 0]
@@ -279,6 +279,43 @@ def test_kernels_match_brute_force_on_a_ring_of_keys(kernel, window):
         q, k, v, lambda b, i, j: s[b] - window < key_steps[b, j] <= s[b] and key_steps[b, j] >= 0)
     assert max_err(got, expected) <= TOL
     assert sorted(key_steps[2].tolist()) == list(range(14, 23)) and (key_steps[0] < 0).sum() == 7
+
+
+def test_ring_keys_are_the_mask_rule_and_the_slots_of_the_step():
+    n, W, H = torch.tensor([0, 3, 9, 23]), 9, 2  # steps seen before this one
+    keys = RingKeys(n, W, H)
+    mask = steps_mask(n.unsqueeze(1), ring_steps(n + 1, W), W)
+    assert torch.equal(keys.mask, mask)
+    assert keys.bias.shape == (4 * H, 1, W)
+    assert torch.equal(keys.bias.view(4, H, 1, W) == 0, mask.expand(4, H, 1, W))
+    assert torch.equal(keys.bias.view(4, H, 1, W)[~mask.expand(4, H, 1, W)].unique(), torch.tensor([float("-inf")]))
+    k, v = torch.randn(4, H, 1, 5), torch.randn(4, H, 1, 5)
+    expected = transformer_module.KVCache(torch.randn(4, H, W, 5), torch.randn(4, H, W, 5))
+    contiguous = expected.clone()
+    batch_first = torch.randn(4, 3, H, W, 5)  # a strided layer of a ring stored batch first
+    strided = transformer_module.KVCache(batch_first[:, 1], batch_first[:, 2])
+    strided.k.copy_(expected.k), strided.v.copy_(expected.v)
+    expected.write(k, v, n.unsqueeze(1))
+    for cache in (contiguous, strided):
+        cache.write_step(k, v, keys)
+        assert torch.equal(cache.k, expected.k) and torch.equal(cache.v, expected.v)
+
+
+@pytest.mark.parametrize("kernel", [VanillaAttention, FlashAttention])
+@pytest.mark.parametrize("grad", [False, True])
+def test_kernels_attend_a_ring_step_like_brute_force(kernel, grad, monkeypatch):
+    """FlashAttention's CPU rollout step (no autograd, contiguous ring) takes ring_attention."""
+    calls = []
+    fused = attention_module.ring_attention
+    monkeypatch.setattr(attention_module, "ring_attention", lambda *a: calls.append(1) or fused(*a))
+    n, W, H = torch.tensor([1, 8, 22]), 9, 2  # steps seen before this one
+    q, k, v = torch.randn(3, H, 1, 4), torch.randn(3, H, W, 4), torch.randn(3, H, W, 4)
+    key_steps, s = ring_steps(n + 1, W), n
+    with torch.set_grad_enabled(grad):
+        got = kernel(0.0).attend_ring(q, k, v, RingKeys(n, W, H))
+    expected = reference_attention(q, k, v, lambda b, i, j: s[b] - W < key_steps[b, j] <= s[b] and key_steps[b, j] >= 0)
+    assert max_err(got, expected) <= TOL
+    assert len(calls) == (kernel is FlashAttention and not grad)
 
 
 @pytest.mark.parametrize("kernel", [VanillaAttention, FlashAttention])
@@ -464,8 +501,8 @@ def test_rollout_step_over_a_layer_first_ring_uses_explicit_attention_and_equals
     _, state = enc(seq[:, W:], t[:, W:], hidden_state=state)
     stored_layer_first = {key: layer_first(value) for key, value in state.items()}
     calls = []
-    explicit = attention_module.explicit_attention
-    monkeypatch.setattr(attention_module, "explicit_attention", lambda *a, **kw: calls.append(1) or explicit(*a, **kw))
+    explicit = attention_module.ring_attention
+    monkeypatch.setattr(attention_module, "ring_attention", lambda *a, **kw: calls.append(1) or explicit(*a, **kw))
     step, t_step = torch.randn(4, 1, TSTEP_DIM), torch.full((4, 1, 1), W + 3)
     out_sdpa, _ = enc(step, t_step, hidden_state=state, in_place=True)
     assert not calls

@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -84,6 +85,39 @@ class CarriedKeys:
 
 
 @dataclass
+class RingKeys:
+    """Which ring slots the one query per row of a rollout step sees, and where its key goes.
+
+    Row b has seen ``n[b]`` steps before this one; its step n[b] writes ring slot n[b] % W and then
+    attends over the W slots under ``steps_mask``'s rule. Each form is built on first use, once
+    per step, and shared by every layer: ``mask`` [B, 1, 1, W] for any kernel, ``bias`` [B*H, 1, W]
+    (0 where visible, -inf elsewhere) which adds the mask to the scores inside their matmul, and
+    ``slots`` [B*H], the rows of a contiguous ring [B, H, W, dh] seen as [B*H*W, dh] that the
+    step's keys and values go to.
+    """
+
+    n: torch.Tensor
+    window: int
+    heads: int
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        return steps_mask(self.n.unsqueeze(1), ring_steps(self.n + 1, self.window), self.window)
+
+    @cached_property
+    def bias(self) -> torch.Tensor:
+        B, W = self.n.shape[0], self.window
+        bias = torch.zeros(B, self.heads, 1, W, device=self.n.device).masked_fill_(~self.mask, float("-inf"))
+        return bias.view(B * self.heads, 1, W)
+
+    @cached_property
+    def slots(self) -> torch.Tensor:
+        B, H, W = self.n.shape[0], self.heads, self.window
+        first_of_head = torch.arange(B * H, device=self.n.device).view(B, H) * W
+        return (first_of_head + (self.n % W).unsqueeze(1)).view(-1)
+
+
+@dataclass
 class VarlenPacking:
     """flash-attn's varlen layout of carried chunks, built on device with no host sync.
 
@@ -144,6 +178,11 @@ class SelfAttention(nn.Module, ABC):
         all_k, all_v = torch.cat([cache_k.to(k.dtype), k], 2), torch.cat([cache_v.to(v.dtype), v], 2)
         return self(q, all_k, all_v, keys.window, keys.mask())
 
+    def attend_ring(self, q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, keys: RingKeys) -> torch.Tensor:
+        """A rollout step's queries q [B, H, 1, dh] over the ring [B, H, W, dh] after the step's
+        write: by default ``forward`` with ``keys.mask``."""
+        return self(q, ring_k, ring_v, keys.window, keys.mask)
+
 
 class VanillaAttention(SelfAttention):
     """Explicit softmax(QK^T / sqrt(dh)) V in plain PyTorch: the readable reference kernel."""
@@ -164,10 +203,19 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
                        dropout: Optional[nn.Module] = None) -> torch.Tensor:
     """softmax(QK^T / sqrt(dh)) V over the keys ``mask`` shows, as two batched matmuls."""
     # Scaling q instead of the scores, and masking the fresh scores in place, spares two passes
-    # over [B, H, Tq, Tk] (a rollout step's cost over the whole ring, at every layer).
+    # over [B, H, Tq, Tk].
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     attn = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1)
     return (attn if dropout is None else dropout(attn)) @ v
+
+
+def ring_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``explicit_attention`` of queries q [B, H, 1, dh] over a contiguous ring [B, H, W, dh],
+    the mask given as ``RingKeys.bias``: the scale, the mask and the scores are one baddbmm."""
+    B, H, _, dh = q.shape
+    scores = torch.baddbmm(bias, q.reshape(B * H, 1, dh), ring_k.view(B * H, -1, dh).transpose(1, 2),
+                           alpha=dh ** -0.5)
+    return torch.bmm(scores.softmax(dim=-1), ring_v.view(B * H, -1, dh)).view(B, H, 1, dh)
 
 
 def flash_applies(device: torch.device, dtype: torch.dtype, head_dim: int, fused: bool, varlen: bool) -> bool:
@@ -204,13 +252,6 @@ class FlashAttention(SelfAttention):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         dropout_p, scale = self._dropout_p(), q.shape[-1] ** -0.5
-        if (q.shape[2] == 1 and mask is not None and q.device.type == "cpu" and k.is_contiguous()
-                and v.is_contiguous() and not torch.is_grad_enabled()):
-            # A rollout step on CPU over a ring stored layer first (an env runner's RolloutState):
-            # two batched matrix-vector products beat torch's CPU SDPA kernel there, which tiles
-            # for many queries; on strided rings the matmuls would copy, and SDPA is faster
-            # (benchmarks/rollout_step_cpu.py).
-            return explicit_attention(q, k, v, mask)
         # keys out of time order (a ring) come with a mask, which flash-attn cannot take
         self.last_backend = "sdpa" if mask is not None else flash_backend(q, self.fused_kernels, varlen=False)
         if self.last_backend == "flash_attn":
@@ -220,6 +261,15 @@ class FlashAttention(SelfAttention):
         if mask is None:
             mask = window_mask(q.shape[2], k.shape[2], window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+    def attend_ring(self, q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, keys: RingKeys) -> torch.Tensor:
+        if q.device.type == "cpu" and ring_k.is_contiguous() and ring_v.is_contiguous() and not torch.is_grad_enabled():
+            # On CPU over a ring stored layer first (an env runner's RolloutState): two batched
+            # matrix-vector products beat torch's CPU SDPA kernel there, which tiles for many
+            # queries; on strided rings the matmuls would copy, and SDPA is faster
+            # (benchmarks/rollout_step_cpu.py).
+            return ring_attention(q, ring_k, ring_v, keys.bias)
+        return super().attend_ring(q, ring_k, ring_v, keys)
 
     def attend_carried(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
                        cache_v: torch.Tensor, keys: CarriedKeys) -> torch.Tensor:

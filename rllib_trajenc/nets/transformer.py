@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rllib_trajenc.nets.attention import (
-    CarriedKeys, FlashAttention, SelfAttention, VanillaAttention, flash_applies, ring_steps, steps_mask,
+    CarriedKeys, FlashAttention, RingKeys, SelfAttention, VanillaAttention, flash_applies,
 )
 from rllib_trajenc.nets.base import Backends, HiddenState, TrajEncoder
 from rllib_trajenc.nets.ff import FeedForward
@@ -55,6 +55,16 @@ class KVCache:
         self.k[rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)
         self.v[rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
 
+    def write_step(self, k: torch.Tensor, v: torch.Tensor, keys: RingKeys) -> None:
+        """Stores a rollout step's keys/values [B, H, 1, dh]: one row copy per head where the ring
+        is contiguous (an env runner's, layer first), else ``write``."""
+        if self.k.is_contiguous() and self.v.is_contiguous():
+            dh = self.k.shape[-1]
+            self.k.view(-1, dh).index_copy_(0, keys.slots, k.reshape(-1, dh).to(self.k.dtype))
+            self.v.view(-1, dh).index_copy_(0, keys.slots, v.reshape(-1, dh).to(self.v.dtype))
+        else:
+            self.write(k, v, keys.n.unsqueeze(1))
+
     def clone(self) -> KVCache:
         return KVCache(self.k.clone(), self.v.clone())
 
@@ -82,11 +92,11 @@ class AttentionLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, window: int, angles: Optional[torch.Tensor],
                 cache: Optional[KVCache] = None, steps: Optional[torch.Tensor] = None,
-                keys: Optional[CarriedKeys | torch.Tensor] = None) -> torch.Tensor:
+                keys: Optional[CarriedKeys | RingKeys] = None) -> torch.Tensor:
         """Attends x [B, T, D] to itself (an episode's start) or, given a ``cache``, to the cache and
         itself, writing x's keys/values into the cache (x holds episode ``steps`` [B, T]). ``keys``
-        says which keys each query sees: the CarriedKeys of a chunk, or for a rollout step the
-        ``steps_mask`` over the ring after the step's write."""
+        says which keys each query sees: the CarriedKeys of a chunk, or the RingKeys of a
+        rollout step."""
         B, T, D = x.shape
         qkv = self.dropout_qkv(self.qkv(x)).view(B, T, 3, self.n_heads, D // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, dh]
@@ -98,8 +108,8 @@ class AttentionLayer(nn.Module):
             out = self.attention.attend_carried(q, k, v, cache.k, cache.v, keys)
             cache.write(k, v, steps)
         else:  # a rollout step: the new key joins the ring in place of the step leaving it
-            cache.write(k, v, steps)
-            out = self.attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), window, keys)
+            cache.write_step(k, v, keys)
+            out = self.attention.attend_ring(q, cache.k.to(q.dtype), cache.v.to(q.dtype), keys)
         if self.head_scale is not None:
             out = out * self.head_scale.view(-1, 1, 1)
         out = self.out(out.transpose(1, 2).reshape(B, T, D))
@@ -116,7 +126,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, window: int, angles: Optional[torch.Tensor],
                 cache: Optional[KVCache] = None, steps: Optional[torch.Tensor] = None,
-                keys: Optional[CarriedKeys | torch.Tensor] = None) -> torch.Tensor:
+                keys: Optional[CarriedKeys | RingKeys] = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), window, angles, cache, steps, keys)
         return x + self.ff(self.norm2(x))
 
@@ -230,7 +240,7 @@ class TformerTrajEncoder(TrajEncoder):
         W, n, T = self.max_seq_len, state["n"], x.shape[1]
         steps = n.unsqueeze(1) + torch.arange(T, device=n.device)
         if _rollout_step(T):  # it attends over the W ring slots
-            keys = steps_mask(steps, ring_steps(n + 1, W), W)
+            keys = RingKeys(n, W, self.n_heads)
         else:  # a chunk (a learner row): the kernel picks a packing or a mask, shared by every layer
             keys = CarriedKeys(n, T, W)
         caches = [KVCache(k, v) for k, v in zip(state["k"].unbind(1), state["v"].unbind(1))]
