@@ -49,21 +49,23 @@ class SigmaReparamLinear(nn.Linear):
     def scaled_weight(self) -> torch.Tensor:
         return self.gamma / self.sigma() * self.weight
 
-    @torch.no_grad()
     def _inference_weight(self) -> torch.Tensor:
+        """The scaled weight (no autograd), computed anew only when an input changed."""
         # Storage and version counter identify a tensor's contents: any in-place change or
-        # replacement of one of the inputs makes a new key.
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.gamma, self.u, self.v))
+        # replacement of one of the inputs makes a new key. Written out, not looped: an env
+        # runner checks it at every step for every layer.
+        w, gamma, u, v = self.weight, self.gamma, self.u, self.v
+        key = (w.data_ptr(), w._version, gamma.data_ptr(), gamma._version,
+               u.data_ptr(), u._version, v.data_ptr(), v._version)
         if self._frozen is None or self._frozen[0] != key:
-            self._frozen = (key, self.scaled_weight())
+            with torch.no_grad():
+                self._frozen = (key, self.scaled_weight())
         return self._frozen[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training or torch.is_grad_enabled()):
+            return F.linear(x, self._inference_weight(), self.bias)
+        weight = self.scaled_weight()
         if self.training:
-            weight = self.scaled_weight()
             self._power_step()
-        elif torch.is_grad_enabled():
-            weight = self.scaled_weight()
-        else:
-            weight = self._inference_weight()
         return F.linear(x, weight, self.bias)
