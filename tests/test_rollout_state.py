@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
+from ray.rllib.utils.spaces.space_utils import BatchedNdArray
 
 from rllib_trajenc.rllib.module import ROLLOUT_ROW
 from rllib_trajenc.rllib.rollout_state import RolloutState
@@ -14,8 +16,17 @@ IN_PLACE = ["mamba", "transformer"]
 
 
 @pytest.mark.parametrize("encoder", ["gru", *IN_PLACE])
-def test_env_runner_steps_update_the_module_rows_in_place_and_stay_exact(ray_session, encoder):
+def test_env_runner_steps_update_the_module_rows_in_place_and_stay_exact(ray_session, encoder, monkeypatch):
     algo = with_small_encoder(ppo_config(), encoder).build_algo()
+    state_items = []
+    add_item = ConnectorV2.add_batch_item
+
+    def record(batch, column, item_to_add, single_agent_episode=None):
+        if column == Columns.STATE_IN:
+            state_items.append(item_to_add)
+        add_item(batch, column, item_to_add, single_agent_episode)
+
+    monkeypatch.setattr(ConnectorV2, "add_batch_item", staticmethod(record))
     try:
         runner = algo.env_runner
         traj_encoder = runner.module.traj_encoder
@@ -30,7 +41,12 @@ def test_env_runner_steps_update_the_module_rows_in_place_and_stay_exact(ray_ses
         episodes, batch, module = sample_and_recompute(algo)  # several sample() calls: cut chunks
         assert calls and all(calls), "every rollout step takes the in-place path"
         # STATE_IN names rows only; the states themselves stay in the module, one row per env.
+        # One item per pass, already batched: the rows of the envs in order, stepped in place.
         assert set(runner._cached_to_module[Columns.STATE_IN]) == {ROLLOUT_ROW}
+        assert torch.equal(runner._cached_to_module[Columns.STATE_IN][ROLLOUT_ROW], torch.arange(runner.num_envs))
+        rollout_items = [item for item in state_items if ROLLOUT_ROW in item]  # (learner items: states)
+        assert rollout_items and all(isinstance(item[ROLLOUT_ROW], BatchedNdArray)
+                                     and len(item[ROLLOUT_ROW]) == runner.num_envs for item in rollout_items)
         assert runner.module._rollout.n_rows == runner.num_envs
         assert logp_error(module, batch) <= 1e-4
     finally:
