@@ -10,7 +10,7 @@ spec's default sizes (CartPole, 16 envs, the module env runners build, seeded as
 * module step: ms per ``forward_exploration`` of the 16 envs, in place (best of 5 medians);
 * vector step: ms per vector step of a whole SingleAgentEnvRunner sampling 2,048 env steps.
 Printed: per encoder, the best round of each tree (noise only adds time) and head / base.
-Usage: python benchmarks/compare_commits.py BASE [--encoders ff gru] [--rounds 3]
+Usage: python benchmarks/compare_commits.py BASE [--encoders ff gru "mamba (compile_rollout)"] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 ENCODER_NAMES = ("ff", "gru", "mamba", "transformer")
+COMPILED = "mamba (compile_rollout)"  # sampling_cpu.py's contender: Mamba with model_config["compile_rollout"]
 
 
 def measure(tree: Path, encoders: list[str]) -> dict[str, dict[str, float]]:
@@ -70,7 +71,7 @@ def run_tree(tree: Path, encoders: list[str]) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", nargs="?", help="the commit to compare against, e.g. HEAD~3")
-    parser.add_argument("--encoders", nargs="+", default=list(ENCODER_NAMES), choices=ENCODER_NAMES)
+    parser.add_argument("--encoders", nargs="+", default=list(ENCODER_NAMES), choices=[*ENCODER_NAMES, COMPILED])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child processes' mode
     args = parser.parse_args()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -194,7 +194,7 @@ class MambaTrajEncoder(TrajEncoder):
         x = self.inp(seq)
         if in_place and hidden_state is not None and seq.shape[1] == 1:
             step = _compiled_step() if self.compile_rollout else MambaTrajEncoder._step_
-            return step(self, x, hidden_state), hidden_state
+            return step(self, x, hidden_state["conv"].unbind(1), hidden_state["ssm"].unbind(1)), hidden_state
         if hidden_state is None:
             states = [(None, None)] * self.n_layers
         else:
@@ -213,16 +213,22 @@ class MambaTrajEncoder(TrajEncoder):
         return x, {"conv": torch.stack(conv, 1).to(hidden_state["conv"].dtype),
                    "ssm": torch.stack(ssm, 1).to(hidden_state["ssm"].dtype)}
 
-    def _step_(self, x: torch.Tensor, state: HiddenState) -> torch.Tensor:
-        """x [B, 1, d_model] through every layer's single-step recurrence, updating ``state``."""
+    def _step_(self, x: torch.Tensor, convs: Sequence[torch.Tensor], ssms: Sequence[torch.Tensor]) -> torch.Tensor:
+        """x [B, 1, d_model] through every layer's single-step recurrence, updating each layer's
+        states (``convs[i]``, ``ssms[i]``) in place.
+
+        The layers' states come as separate tensors, not indexed from the whole state inside: a
+        compiled step then updates each layer's state where it is, where indexing made inductor
+        rebuild the whole state at every layer (``benchmarks/compare_commits.py``, BENCHMARKS.md).
+        """
         x = x[:, 0]
-        for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers)):
-            x = x + mixer.step_(norm(x), state["conv"][:, i], state["ssm"][:, i])
+        for norm, mixer, conv, ssm in zip(self.norms, self.mixers, convs, ssms):
+            x = x + mixer.step_(norm(x), conv, ssm)
         return self.out_norm(x).unsqueeze(1)
 
 
 @functools.cache
-def _compiled_step() -> Callable[[MambaTrajEncoder, torch.Tensor, HiddenState], torch.Tensor]:
+def _compiled_step() -> Callable[..., torch.Tensor]:
     """MambaTrajEncoder._step_ through torch.compile. It compiles on its first call for each
     shape of input and state (seconds); parameters stay inputs, so weight syncs need no recompile."""
     logger.info("rllib_trajenc: compiling MambaTrajEncoder's rollout step with torch.compile "
