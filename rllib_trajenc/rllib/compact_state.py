@@ -328,12 +328,15 @@ class AddStatesFromEpisodeStore(ConnectorV2):
         """A single-agent env runner's pass: every env's episode acts, and STATE_IN goes in as one
         item already batched (RLlib batches it as it is), not one item per env: batching 16 items
         and converting them cost RLlib's pieces ~0.15 ms of every vector step (BENCHMARKS.md)."""
-        acting, live = _Acting(module), {episode.id_ for episode in episodes}
-        rows = np.empty(len(episodes), np.int64)
+        acting, ids = _Acting(module), [episode.id_ for episode in episodes]
+        # Between episode ends, every env's episode holds its row already: nothing to claim.
+        unchanged, live = acting.rows.owners == ids, set(ids)
+        rows = np.arange(len(episodes), dtype=np.int64)
         for i, episode in enumerate(episodes):
             store = chunk_store(episode, module=module)
             store.snapshot(len(episode), acting.max_seq_len)  # before the step runs
-            rows[i] = acting.claim_row(episode, store, live)
+            if not unchanged:
+                rows[i] = acting.claim_row(episode, store, live)
         self.add_n_batch_items(batch, Columns.STATE_IN, items_to_add={ROLLOUT_ROW: rows}, num_items=len(rows))
 
 
