@@ -144,6 +144,16 @@ def test_a_row_changes_hands_by_loading_the_new_owners_state():
     assert rows.tensors["h"][1].tolist() == [0.0, 0.0]  # other rows untouched
 
 
+def test_a_fresh_episode_starts_from_a_nonzero_initial_state_too():
+    """Zero initial states are written by zeroing the row; any other is copied in."""
+    rows = RolloutState({"h": np.array([0.5, -1.0], np.float32), "t": np.zeros((), np.int64)}, 1,
+                        torch.device("cpu"))
+    rows.tensors["h"][0] += 2.0
+    rows.tensors["t"][0] += 7
+    rows.claim(0, "a", None)
+    assert rows.tensors["h"][0].tolist() == [0.5, -1.0] and int(rows.tensors["t"][0]) == 0
+
+
 def test_rows_go_to_newcomers_once_their_owners_are_gone_and_views_survive_growth():
     rows = RolloutState({"h": np.zeros(2, np.float32), "t": np.zeros((), np.int64)}, 0, torch.device("cpu"))
     for position, owner in enumerate(["a", "b"]):
