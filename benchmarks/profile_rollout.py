@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from typing import Callable
 
 import gymnasium as gym
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.rl_module import RLModule
 
 from encoders_cpu import ENCODERS, N_ENVS  # same folder
 from rllib_trajenc.rllib.module import ROLLOUT_ROW
@@ -25,8 +27,13 @@ from sampling_cpu import config_for
 TOP = 12
 
 
-def module_step(name: str):
+def module_step(name: str) -> Callable[[], None]:
     """A closure taking one env-runner step of the module for N_ENVS envs (rows 0..N-1)."""
+    return module_and_step(name)[1]
+
+
+def module_and_step(name: str) -> tuple[RLModule, Callable[[], None]]:
+    """The module env runners build for ``name``, and ``module_step``'s closure over it."""
     env = gym.make("CartPole-v1")
     module = config_for(name).get_rl_module_spec(env=env, inference_only=True).build()
     obs = torch.as_tensor(np.stack([env.observation_space.sample() for _ in range(N_ENVS)]))
@@ -41,7 +48,7 @@ def module_step(name: str):
             batch[Columns.STATE_IN] = state
         with torch.no_grad():
             module.forward_exploration(batch)
-    return step
+    return module, step
 
 
 def profile_table(name: str, steps: int) -> None:

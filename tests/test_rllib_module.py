@@ -144,6 +144,35 @@ def test_inference_only_module_stays_in_eval_mode():
     assert not torch.allclose(full._forward(batch)[Columns.ACTION_DIST_INPUTS], expected)
 
 
+def _linear_weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for layer in module.modules() if isinstance(layer, (torch.nn.Linear, torch.nn.RNNBase))
+            for p in layer.parameters(recurse=False) if p.dim() == 2]
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_env_runner_module_stores_linear_weights_transposed(encoder):
+    """An inference-only module's first step on CPU lays its linear weights out transposed (what
+    the CPU GEMM takes faster), computing what the learner's module computes, also after a
+    weight sync, which keeps the layout; the learner's module keeps the standard layout."""
+    spec = RLModuleSpec(module_class=TrajEncoderRLModule, observation_space=CARTPOLE_OBS,
+                        action_space=gym.spaces.Discrete(2), model_config=model_config(encoder))
+    full, runner_module = spec.build(), RLModuleSpec(**{**vars(spec), "inference_only": True}).build()
+    runner_module.set_state(full.get_state(inference_only=True))
+    init = {k: torch.as_tensor(v).expand(3, *v.shape) for k, v in full.get_initial_state().items()}
+    batch = {Columns.OBS: torch.randn(3, 1, 2), **({Columns.STATE_IN: init} if init else {})}
+    for sync in range(2):
+        expected = full.forward_exploration(batch)[Columns.ACTION_DIST_INPUTS]
+        torch.testing.assert_close(runner_module.forward_exploration(batch)[Columns.ACTION_DIST_INPUTS], expected,
+                                   atol=1e-6, rtol=0)
+        weights = _linear_weights(runner_module)
+        assert len(weights) >= 4 and all(w.t().is_contiguous() and not w.is_contiguous() for w in weights if min(w.shape) > 1)
+        assert all(w.is_contiguous() for w in _linear_weights(full))
+        with torch.no_grad():  # an optimizer step on the learner, then the weight sync
+            for p in full.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        runner_module.set_state(full.get_state(inference_only=True))
+
+
 @pytest.mark.parametrize("obs_space", [
     gym.spaces.Discrete(5, start=2),
     gym.spaces.MultiDiscrete([3, 4]),

@@ -35,6 +35,7 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID
 
 from rllib_trajenc.nets.base import HiddenState, TrajEncoder
+from rllib_trajenc.nets.layers import store_weights_transposed
 from rllib_trajenc.rllib.config import AMP_MODES, TrajEncoderModelConfig
 from rllib_trajenc.rllib.prev_action_reward import PREV_ACTION, PREV_REWARD
 from rllib_trajenc.rllib.rollout_state import RolloutState
@@ -133,6 +134,7 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         # place on rollouts; others get the plain call.
         self._encoder_updates_in_place = "in_place" in inspect.signature(self.traj_encoder.forward).parameters
         self._rollout: Optional[RolloutState] = None  # env runners' running states (rollout_state)
+        self._weights_transposed = False  # see _forward_in_mode
         emb_dim = self.traj_encoder.emb_dim
         self.pi = MLP(emb_dim, cfg.head_hiddens, n_dist_inputs, cfg.activation)
         self.vf = MLP(emb_dim, cfg.head_hiddens, 1, cfg.activation)
@@ -178,11 +180,16 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         """RLlib's forward_exploration/inference switch the module to eval mode and back to train
         mode around every call: two walks over every submodule (~60 for a default Transformer) at
         every env step. An inference-only module (an env runner's) is never trained, so it is put in
-        eval mode once and stays there; other modules keep RLlib's behaviour."""
+        eval mode once and stays there; other modules keep RLlib's behaviour. At its first step on
+        CPU, its linear weights are also stored transposed (``store_weights_transposed``)."""
         if not self.inference_only:
             return rllib_forward(batch, **kwargs)
         if self.training:
             self.eval()
+        if not self._weights_transposed:
+            self._weights_transposed = True
+            if next(self.parameters()).device.type == "cpu":
+                store_weights_transposed(self)
         return forward(batch, **kwargs)
 
     @override(TorchRLModule)
