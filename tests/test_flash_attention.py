@@ -64,7 +64,9 @@ def test_carried_chunk_on_the_varlen_kernel_equals_reference(monkeypatch, window
     assert fused.last_backends == {"attention_backend": "flash_attn_varlen"}
     assert calls == ["flash_attn_varlen"] * N_LAYERS  # one call per layer, no fallback
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=TOL)
+        # Relative to each tensor's scale: a weight's gradient sums terms of every position (it
+        # reaches 1e2 at 256 steps), and float32 round-off there is ~1e-5 of its largest entry.
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=TOL * max(1.0, b.abs().max().item()))
 
 
 def test_varlen_path_builds_no_mask(monkeypatch):
