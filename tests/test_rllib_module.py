@@ -125,7 +125,8 @@ def test_target_network_starts_as_a_copy_of_the_policy():
 
 
 def test_inference_only_module_stays_in_eval_mode():
-    """Env runners' modules skip RLlib's eval()/train() walk at every step, computing the same."""
+    """Env runners' modules skip RLlib's eval()/train() walk at every step and run under inference
+    mode, computing the same."""
     config = model_config("transformer", traj_encoder_config={**model_config("transformer")["traj_encoder_config"],
                                                               "dropout_ff": 0.5})
     spec = RLModuleSpec(module_class=TrajEncoderRLModule, observation_space=CARTPOLE_OBS,
@@ -140,6 +141,9 @@ def test_inference_only_module_stays_in_eval_mode():
     torch.testing.assert_close(runner_module.forward_exploration(batch)[Columns.ACTION_DIST_INPUTS], expected)
     torch.testing.assert_close(runner_module.forward_inference(batch)[Columns.ACTION_DIST_INPUTS], expected)
     assert not any(m.training for m in runner_module.modules())
+    # and under inference mode, unlike the learner's module
+    assert runner_module.forward_exploration(batch)[Columns.ACTION_DIST_INPUTS].is_inference()
+    assert not expected.is_inference()
     # The mode matters here: in train mode the dropout changes the output.
     assert not torch.allclose(full._forward(batch)[Columns.ACTION_DIST_INPUTS], expected)
 

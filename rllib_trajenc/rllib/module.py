@@ -181,7 +181,12 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         mode around every call: two walks over every submodule (~60 for a default Transformer) at
         every env step. An inference-only module (an env runner's) is never trained, so it is put in
         eval mode once and stays there; other modules keep RLlib's behaviour. At its first step on
-        CPU, its linear weights are also stored transposed (``store_weights_transposed``)."""
+        CPU, its linear weights are also stored transposed (``store_weights_transposed``).
+
+        Its steps run under ``torch.inference_mode`` (no view or version tracking: Mamba's step,
+        ~450 small ops, ~0.9x the time under no_grad; benchmarks/compare_commits.py), so what
+        they return are inference tensors, which may not be updated in place outside it.
+        """
         if not self.inference_only:
             return rllib_forward(batch, **kwargs)
         if self.training:
@@ -190,7 +195,8 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
             self._weights_transposed = True
             if next(self.parameters()).device.type == "cpu":
                 store_weights_transposed(self)
-        return forward(batch, **kwargs)
+        with torch.inference_mode():
+            return forward(batch, **kwargs)
 
     @override(TorchRLModule)
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
