@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from ray.rllib.core.rl_module.rl_module import RLModule
 
 from encoders_cpu import ENCODERS, N_ENVS  # same folder
 from profile_rollout import module_and_step
@@ -64,21 +65,25 @@ def linear_table(rounds: int) -> None:
               f"| {us[LAYOUTS[1]] / us[LAYOUTS[0]]:.2f} | {errors[0]:.1e} / {errors[1]:.1e} |", flush=True)
 
 
+def module_with_layout(contender: str, layout: str) -> tuple[RLModule, Callable[[], None]]:
+    """``contender``'s env-runner module after its first step, its weights stored as ``layout``
+    says, and ``module_step``'s closure over it."""
+    module, step = module_and_step(contender)
+    step()  # this package's modules store their weights transposed at their first step
+    with torch.no_grad():
+        if layout == LAYOUTS[0]:
+            for p in module.parameters():
+                p.data = p.data.contiguous()
+        else:  # also RLlib's MLP, for comparison
+            store_weights_transposed(module)
+    return module, step
+
+
 def module_table(rounds: int) -> None:
     print(f"\n| contender | as nn.Linear (ms per step of {N_ENVS} envs) | transposed (ms) | transposed / as nn.Linear |")
     print("|---|---:|---:|---:|")
     for contender in [MLP, *ENCODERS]:
-        steps = {}
-        for layout in LAYOUTS:
-            module, step = module_and_step(contender)
-            step()  # this package's modules store their weights transposed at their first step
-            with torch.no_grad():
-                if layout == LAYOUTS[0]:
-                    for p in module.parameters():
-                        p.data = p.data.contiguous()
-                else:  # also RLlib's MLP, for comparison
-                    store_weights_transposed(module)
-            steps[layout] = step
+        steps = {layout: module_with_layout(contender, layout)[1] for layout in LAYOUTS}
         ms = {label: us / 1e3 for label, us in interleaved(steps, rounds, 5).items()}
         print(f"| {contender} | {ms[LAYOUTS[0]]:.3f} | {ms[LAYOUTS[1]]:.3f} | {ms[LAYOUTS[1]] / ms[LAYOUTS[0]]:.2f} |",
               flush=True)

@@ -1,6 +1,7 @@
 """The env-runner benchmarks at tiny scale, so that they cannot rot between their (long) runs:
 sampling_cpu.py's floor arithmetic, profile_rollout.py's per-op table, rollout_step_cpu.py's rows,
-compare_commits.py's measurement of one tree, runner_split.py's parts of a vector step."""
+compare_commits.py's measurement of one tree, runner_split.py's parts of a vector step,
+weight_layout_cpu.py's two layouts."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +13,7 @@ import profile_rollout  # noqa: E402
 import rollout_step_cpu  # noqa: E402
 import runner_split  # noqa: E402
 import sampling_cpu  # noqa: E402
+import weight_layout_cpu  # noqa: E402
 
 
 def test_floor_is_the_runners_step_plus_arithmetic_plus_state_read(capsys):
@@ -56,3 +58,14 @@ def test_runner_split_times_each_part_of_the_vector_step():
     assert 0 < sum(split[part] for part in runner_split.PARTS) < split["vector step"]
     hot, cold = runner_split.module_alone("gru")
     assert hot > 0 and cold > 0
+
+
+def test_weight_layout_compares_the_two_layouts(capsys):
+    for layout in weight_layout_cpu.LAYOUTS:
+        module, step = weight_layout_cpu.module_with_layout("gru", layout)
+        weight = module.traj_encoder.rnn.weight_hh_l0
+        assert weight.is_contiguous() == (layout == "as nn.Linear") and weight.t().is_contiguous() != weight.is_contiguous()
+        step()
+    weight_layout_cpu.linear_table(rounds=4)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 256 -> 1024 |")]
+    assert len(rows) == 1 and rows[0].count("e-0") == 2  # both errors, float32-sized
