@@ -296,6 +296,8 @@ class AddStatesFromEpisodeStore(ConnectorV2):
                                    single_agent_episode=episode)
 
     def _add_rollout_rows(self, rl_module: RLModule, batch: dict, episodes: list) -> None:
+        # A MultiRLModule acts only in multi-agent episodes: RLlib's single-agent env runner
+        # reduces a multi-module spec to its one module (AlgorithmConfig.get_rl_module_spec).
         if not isinstance(rl_module, MultiRLModule):
             self._add_single_agent_rows(rl_module.unwrapped(), batch, episodes)
             return
@@ -315,15 +317,13 @@ class AddStatesFromEpisodeStore(ConnectorV2):
             store = chunk_store(episode, parent, module.module)
             store.snapshot(len(episode), module.max_seq_len)  # before the step runs
             row = -1  # RLlib does not step finished agents (its last pass of an episode is dropped)
-            if parent is None or not (episode.is_done or parent.is_done):
+            if not (episode.is_done or parent.is_done):
                 row = module.claim_row(episode, store, live)
-                if parent is not None:
-                    stepped.setdefault(parent.id_, set()).add(episode.agent_id)
+                stepped.setdefault(parent.id_, set()).add(episode.agent_id)
             self.add_batch_item(batch, Columns.STATE_IN, {ROLLOUT_ROW: np.int64(row)},
                                 single_agent_episode=episode)
         for episode in episodes:
-            if isinstance(episode, MultiAgentEpisode):
-                agent_stores(episode).stepped = stepped.get(episode.id_, set())
+            agent_stores(episode).stepped = stepped.get(episode.id_, set())
 
     def _add_single_agent_rows(self, module: RLModule, batch: dict, episodes: list[SingleAgentEpisode]) -> None:
         """A single-agent env runner's pass: every env's episode acts, and STATE_IN goes in as one
@@ -364,22 +364,17 @@ class _Acting:
         return row
 
 
-def _agent_episodes(episodes: list) -> Iterator[tuple[SingleAgentEpisode, Optional[MultiAgentEpisode]]]:
+def _agent_episodes(episodes: list[MultiAgentEpisode]) -> Iterator[tuple[SingleAgentEpisode, MultiAgentEpisode]]:
     """The episodes of the agents that just stepped, each with the multi-agent episode it is part
-    of (None in single-agent runs), in the order RLlib's env-to-module pieces add their items."""
+    of, in the order RLlib's env-to-module pieces add their items."""
     for episode in episodes:
-        if isinstance(episode, MultiAgentEpisode):
-            for agent_id in episode.get_agents_that_stepped():
-                yield episode.agent_episodes[agent_id], episode
-        else:
-            yield episode, None
+        for agent_id in episode.get_agents_that_stepped():
+            yield episode.agent_episodes[agent_id], episode
 
 
-def _live_owners(episodes: list) -> set[str]:
-    """The (agent) episodes whose rows must be kept: any other row may be given to a newcomer."""
-    return {agent.id_ for episode in episodes
-            for agent in (episode.agent_episodes.values() if isinstance(episode, MultiAgentEpisode) else [episode])
-            if agent is episode or not agent.is_done}
+def _live_owners(episodes: list[MultiAgentEpisode]) -> set[str]:
+    """The agent episodes whose rows must be kept: any other row may be given to a newcomer."""
+    return {agent.id_ for episode in episodes for agent in episode.agent_episodes.values() if not agent.is_done}
 
 
 class ReferStepsToStore(ConnectorV2):
