@@ -196,6 +196,17 @@ class TformerTrajEncoder(TrajEncoder):
     def emb_dim(self) -> int:
         return self.d_model
 
+    @property
+    def fused_kernels(self) -> bool:
+        return self._fused_kernels
+
+    @fused_kernels.setter
+    def fused_kernels(self, allowed: bool) -> None:
+        # Passed on to the attention kernels, which read it, when it is set (not at every forward).
+        self._fused_kernels = allowed
+        for block in getattr(self, "blocks", ()):  # none yet while TrajEncoder.__init__ sets it
+            block.attn.attention.fused_kernels = allowed
+
     def init_hidden_state(self, batch_size: int, device: torch.device) -> HiddenState:
         shape = (batch_size, self.n_layers, self.n_heads, self.max_seq_len, self.head_dim)
         kv = dict(dtype=self.inp.weight.dtype, device=device)
@@ -220,8 +231,6 @@ class TformerTrajEncoder(TrajEncoder):
         x, angles = self._embed_steps(seq, time_idxs[..., 0].long())
         x = self.dropout(x)
         W = self.max_seq_len
-        for block in self.blocks:
-            block.attn.attention.fused_kernels = self.fused_kernels
         if hidden_state is None:
             for block in self.blocks:
                 x = block(x, W, angles)
