@@ -57,9 +57,9 @@ def store_weights_transposed(module: nn.Module) -> None:
     RNNs) as the transpose of a contiguous matrix: same shape and values, strides (1, out).
 
     ``F.linear`` multiplies by ``weight.t()``, which is then contiguous. At an env runner's batch
-    (16 rows), torch's CPU GEMM takes that up to ~1.7x faster on some CPUs and no slower on others
-    (benchmarks/weight_layout_cpu.py). ``load_state_dict`` copies into a parameter in place, so
-    weight syncs keep the layout.
+    (16 rows), torch's CPU GEMM took that in 0.56-0.91x the time on the Intel Xeon measured
+    (benchmarks/weight_layout_cpu.py, BENCHMARKS.md). ``load_state_dict`` copies into a parameter
+    in place, so weight syncs keep the layout.
     """
     for layer in module.modules():
         if isinstance(layer, (nn.Linear, nn.RNNBase)):

@@ -134,7 +134,7 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         # place on rollouts; others get the plain call.
         self._encoder_updates_in_place = "in_place" in inspect.signature(self.traj_encoder.forward).parameters
         self._rollout: Optional[RolloutState] = None  # env runners' running states (rollout_state)
-        self._weights_transposed = False  # see _forward_in_mode
+        self._laid_out_for_rollouts = False  # see _forward_in_mode
         emb_dim = self.traj_encoder.emb_dim
         self.pi = MLP(emb_dim, cfg.head_hiddens, n_dist_inputs, cfg.activation)
         self.vf = MLP(emb_dim, cfg.head_hiddens, 1, cfg.activation)
@@ -184,15 +184,15 @@ class TrajEncoderRLModule(TorchRLModule, ValueFunctionAPI, TargetNetworkAPI, Inf
         CPU, its linear weights are also stored transposed (``store_weights_transposed``).
 
         Its steps run under ``torch.inference_mode`` (no view or version tracking: Mamba's step,
-        ~450 small ops, ~0.9x the time under no_grad; benchmarks/compare_commits.py), so what
-        they return are inference tensors, which may not be updated in place outside it.
+        ~450 small ops, took ~0.9x its time under no_grad; BENCHMARKS.md), so what they return
+        are inference tensors, which may not be updated in place outside it.
         """
         if not self.inference_only:
             return rllib_forward(batch, **kwargs)
         if self.training:
             self.eval()
-        if not self._weights_transposed:
-            self._weights_transposed = True
+        if not self._laid_out_for_rollouts:  # its first step
+            self._laid_out_for_rollouts = True
             if next(self.parameters()).device.type == "cpu":
                 store_weights_transposed(self)
         with torch.inference_mode():
