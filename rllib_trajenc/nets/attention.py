@@ -229,8 +229,8 @@ def ring_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, 
 def ring_layout(ring_k: torch.Tensor, ring_v: torch.Tensor) -> bool:
     """Whether a layer's ring is stored as ``ring_attention`` and ``KVCache.write_step`` take it:
     each head's keys transposed ([dh, W]), its values [W, dh], both contiguous over (B, H).
-    Then the scores multiply by a contiguous matrix, which CPU GEMMs take faster than a
-    transposed one (benchmarks/rollout_step_cpu.py)."""
+    Then the scores multiply by a contiguous matrix: the Transformer's module step took 0.93x
+    its time with keys stored [W, dh] (benchmarks/compare_commits.py, BENCHMARKS.md)."""
     return ring_k.mT.is_contiguous() and ring_v.is_contiguous()
 
 
