@@ -283,7 +283,7 @@ def test_kernels_match_brute_force_on_a_ring_of_keys(kernel, window):
 
 def test_ring_keys_are_the_mask_rule_and_the_slots_of_the_step():
     n, W, H = torch.tensor([0, 3, 9, 23]), 9, 2  # steps seen before this one
-    keys = RingKeys(n, W, H, 5)
+    keys = RingKeys(n, W, H)
     mask = steps_mask(n.unsqueeze(1), ring_steps(n + 1, W), W)
     assert torch.equal(keys.mask, mask)
     assert keys.bias.shape == (4 * H, 1, W)
@@ -291,15 +291,12 @@ def test_ring_keys_are_the_mask_rule_and_the_slots_of_the_step():
     assert torch.equal(keys.bias.view(4, H, 1, W)[~mask.expand(4, H, 1, W)].unique(), torch.tensor([float("-inf")]))
     k, v = torch.randn(4, H, 1, 5), torch.randn(4, H, 1, 5)
     expected = transformer_module.KVCache(torch.randn(4, H, W, 5), torch.randn(4, H, W, 5))
-    # the layout of init_hidden_state's ring (keys transposed), which the one-copy writes take
-    ring = transformer_module.KVCache(expected.k.mT.contiguous().mT, expected.v.clone())
-    assert attention_module.ring_layout(ring.k, ring.v) and not attention_module.ring_layout(expected.k, expected.v)
+    contiguous = expected.clone()
     batch_first = torch.randn(4, 3, H, W, 5)  # a strided layer of a ring stored batch first
     strided = transformer_module.KVCache(batch_first[:, 1], batch_first[:, 2])
     strided.k.copy_(expected.k), strided.v.copy_(expected.v)
-    contiguous = expected.clone()
     expected.write(k, v, n.unsqueeze(1))
-    for cache in (ring, strided, contiguous):
+    for cache in (contiguous, strided):
         cache.write_step(k, v, keys)
         assert torch.equal(cache.k, expected.k) and torch.equal(cache.v, expected.v)
 
@@ -307,16 +304,15 @@ def test_ring_keys_are_the_mask_rule_and_the_slots_of_the_step():
 @pytest.mark.parametrize("kernel", [VanillaAttention, FlashAttention])
 @pytest.mark.parametrize("grad", [False, True])
 def test_kernels_attend_a_ring_step_like_brute_force(kernel, grad, monkeypatch):
-    """FlashAttention's CPU rollout step (no autograd, a ring laid out as init_hidden_state
-    makes it) takes ring_attention."""
+    """FlashAttention's CPU rollout step (no autograd, contiguous ring) takes ring_attention."""
     calls = []
     fused = attention_module.ring_attention
     monkeypatch.setattr(attention_module, "ring_attention", lambda *a: calls.append(1) or fused(*a))
     n, W, H = torch.tensor([1, 8, 22]), 9, 2  # steps seen before this one
-    q, k, v = torch.randn(3, H, 1, 4), torch.randn(3, H, 4, W).mT, torch.randn(3, H, W, 4)
+    q, k, v = torch.randn(3, H, 1, 4), torch.randn(3, H, W, 4), torch.randn(3, H, W, 4)
     key_steps, s = ring_steps(n + 1, W), n
     with torch.set_grad_enabled(grad):
-        got = kernel(0.0).attend_ring(q, k, v, RingKeys(n, W, H, 4))
+        got = kernel(0.0).attend_ring(q, k, v, RingKeys(n, W, H))
     expected = reference_attention(q, k, v, lambda b, i, j: s[b] - W < key_steps[b, j] <= s[b] and key_steps[b, j] >= 0)
     assert max_err(got, expected) <= TOL
     assert len(calls) == (kernel is FlashAttention and not grad)

@@ -91,16 +91,14 @@ class RingKeys:
     Row b has seen ``n[b]`` steps before this one; its step n[b] writes ring slot n[b] % W and then
     attends over the W slots under ``steps_mask``'s rule. Each form is built on first use, once
     per step, and shared by every layer: ``mask`` [B, 1, 1, W] for any kernel, ``bias`` [B*H, 1, W]
-    (0 where visible, -inf elsewhere) which adds the mask to the scores inside their matmul,
-    ``slots`` [B*H], the rows of a contiguous ring of values [B, H, W, dh] seen as [B*H*W, dh]
-    that the step's values go to, and ``key_slots`` [B*H*dh], the elements of a ring of keys
-    stored transposed (its ``mT``, [B, H, dh, W], contiguous) seen flat that its keys go to.
+    (0 where visible, -inf elsewhere) which adds the mask to the scores inside their matmul, and
+    ``slots`` [B*H], the rows of a contiguous ring [B, H, W, dh] seen as [B*H*W, dh] that the
+    step's keys and values go to.
     """
 
     n: torch.Tensor
     window: int
     heads: int
-    head_dim: int
 
     @cached_property
     def mask(self) -> torch.Tensor:
@@ -117,12 +115,6 @@ class RingKeys:
         B, H, W = self.n.shape[0], self.heads, self.window
         first_of_head = torch.arange(B * H, device=self.n.device).view(B, H) * W
         return (first_of_head + (self.n % W).unsqueeze(1)).view(-1)
-
-    @cached_property
-    def key_slots(self) -> torch.Tensor:
-        B, W = self.n.shape[0], self.window
-        first_of_column = torch.arange(B * self.heads * self.head_dim, device=self.n.device).view(B, -1) * W
-        return (first_of_column + (self.n % W).unsqueeze(1)).view(-1)
 
 
 @dataclass
@@ -218,20 +210,12 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 
 def ring_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``explicit_attention`` of queries q [B, H, 1, dh] over a ring [B, H, W, dh] whose keys are
-    stored transposed (``ring_k.mT`` contiguous) and values contiguous (``ring_layout``), the mask
-    given as ``RingKeys.bias``: the scale, the mask and the scores are one baddbmm."""
+    """``explicit_attention`` of queries q [B, H, 1, dh] over a contiguous ring [B, H, W, dh],
+    the mask given as ``RingKeys.bias``: the scale, the mask and the scores are one baddbmm."""
     B, H, _, dh = q.shape
-    scores = torch.baddbmm(bias, q.reshape(B * H, 1, dh), ring_k.mT.view(B * H, dh, -1), alpha=dh ** -0.5)
+    scores = torch.baddbmm(bias, q.reshape(B * H, 1, dh), ring_k.view(B * H, -1, dh).transpose(1, 2),
+                           alpha=dh ** -0.5)
     return torch.bmm(scores.softmax(dim=-1), ring_v.view(B * H, -1, dh)).view(B, H, 1, dh)
-
-
-def ring_layout(ring_k: torch.Tensor, ring_v: torch.Tensor) -> bool:
-    """Whether a layer's ring is stored as ``ring_attention`` and ``KVCache.write_step`` take it:
-    each head's keys transposed ([dh, W]), its values [W, dh], both contiguous over (B, H).
-    Then the scores multiply by a contiguous matrix: the Transformer's module step took 0.93x
-    its time with keys stored [W, dh] (benchmarks/compare_commits.py, BENCHMARKS.md)."""
-    return ring_k.mT.is_contiguous() and ring_v.is_contiguous()
 
 
 def flash_applies(device: torch.device, dtype: torch.dtype, head_dim: int, fused: bool, varlen: bool) -> bool:
@@ -279,7 +263,7 @@ class FlashAttention(SelfAttention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
     def attend_ring(self, q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, keys: RingKeys) -> torch.Tensor:
-        if q.device.type == "cpu" and ring_layout(ring_k, ring_v) and not torch.is_grad_enabled():
+        if q.device.type == "cpu" and ring_k.is_contiguous() and ring_v.is_contiguous() and not torch.is_grad_enabled():
             # On CPU over a ring stored layer first (an env runner's RolloutState): two batched
             # matrix-vector products beat torch's CPU SDPA kernel there, which tiles for many
             # queries; on strided rings the matmuls would copy, and SDPA is faster

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rllib_trajenc.nets.attention import (
-    CarriedKeys, FlashAttention, RingKeys, SelfAttention, VanillaAttention, flash_applies, ring_layout,
+    CarriedKeys, FlashAttention, RingKeys, SelfAttention, VanillaAttention, flash_applies,
 )
 from rllib_trajenc.nets.base import Backends, HiddenState, TrajEncoder
 from rllib_trajenc.nets.ff import FeedForward
@@ -56,11 +56,11 @@ class KVCache:
         self.v[rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
 
     def write_step(self, k: torch.Tensor, v: torch.Tensor, keys: RingKeys) -> None:
-        """Stores a rollout step's keys/values [B, H, 1, dh]: one copy each where the ring is
-        stored as ``ring_layout`` says (an env runner's, layer first), else ``write``."""
-        if ring_layout(self.k, self.v):
+        """Stores a rollout step's keys/values [B, H, 1, dh]: one row copy per head where the ring
+        is contiguous (an env runner's, layer first), else ``write``."""
+        if self.k.is_contiguous() and self.v.is_contiguous():
             dh = self.k.shape[-1]
-            self.k.mT.view(-1).index_copy_(0, keys.key_slots, k.reshape(-1).to(self.k.dtype))
+            self.k.view(-1, dh).index_copy_(0, keys.slots, k.reshape(-1, dh).to(self.k.dtype))
             self.v.view(-1, dh).index_copy_(0, keys.slots, v.reshape(-1, dh).to(self.v.dtype))
         else:
             self.write(k, v, keys.n.unsqueeze(1))
@@ -144,9 +144,7 @@ class TformerTrajEncoder(TrajEncoder):
     slot j holds the latest step s < n with s % W == j (empty while s < 0). A step writes one
     slot per layer and attends over W slots: O(W) work, O(d_model) bytes written, at any step.
     With ``in_place=True`` (inference, no autograd) the state passed in is updated and returned
-    instead of copied; callers that still need the old state pass a copy. A state of any memory
-    layout computes the same; the one init_hidden_state makes (and a step keeps) is the one the
-    rollout step runs fastest over.
+    instead of copied; callers that still need the old state pass a copy.
 
     pos_emb: "fixed" adds sinusoids of the episode time index (any time); "learned" adds a
     trainable vector per ``time_idx % W`` (bounded table; the W keys of a window still get W
@@ -212,10 +210,8 @@ class TformerTrajEncoder(TrajEncoder):
     def init_hidden_state(self, batch_size: int, device: torch.device) -> HiddenState:
         shape = (batch_size, self.n_layers, self.n_heads, self.max_seq_len, self.head_dim)
         kv = dict(dtype=self.inp.weight.dtype, device=device)
-        # k is stored with each head's keys transposed (a view of [..., head_dim, W]), the layout
-        # the rollout step's scores read fastest (``ring_layout``); any layout computes the same.
-        return {"k": torch.zeros(*shape[:3], self.head_dim, self.max_seq_len, **kv).mT,
-                "v": torch.zeros(shape, **kv), "n": torch.zeros(batch_size, dtype=torch.long, device=device)}
+        return {"k": torch.zeros(shape, **kv), "v": torch.zeros(shape, **kv),
+                "n": torch.zeros(batch_size, dtype=torch.long, device=device)}
 
     def _embed_steps(self, seq: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Input embedding + additive position embedding; RoPE angles [B, 1, T, dh/2] if rope."""
@@ -253,7 +249,7 @@ class TformerTrajEncoder(TrajEncoder):
         W, n, T = self.max_seq_len, state["n"], x.shape[1]
         steps = n.unsqueeze(1) + torch.arange(T, device=n.device)
         if _rollout_step(T):  # it attends over the W ring slots
-            keys = RingKeys(n, W, self.n_heads, self.head_dim)
+            keys = RingKeys(n, W, self.n_heads)
         else:  # a chunk (a learner row): the kernel picks a packing or a mask, shared by every layer
             keys = CarriedKeys(n, T, W)
         caches = [KVCache(k, v) for k, v in zip(state["k"].unbind(1), state["v"].unbind(1))]
@@ -261,12 +257,9 @@ class TformerTrajEncoder(TrajEncoder):
             caches = [cache.clone() for cache in caches]
         for block, cache in zip(self.blocks, caches):
             x = block(x, W, angles, cache, steps, keys)
-        if not in_place:  # new tensors, laid out as the state passed in
-            k, v = torch.empty_like(state["k"]), torch.empty_like(state["v"])
-            for i, cache in enumerate(caches):
-                k[:, i], v[:, i] = cache.k, cache.v
-            state = {"k": k, "v": v}
-        return x, {"k": state["k"], "v": state["v"], "n": n + T}
+        k, v = (state["k"], state["v"]) if in_place else (
+            torch.stack([c.k for c in caches], 1), torch.stack([c.v for c in caches], 1))
+        return x, {"k": k, "v": v, "n": n + T}
 
     def kernel_backends(self, device: torch.device, dtype: torch.dtype) -> Backends:
         attention = self.blocks[0].attn.attention

@@ -80,8 +80,7 @@ class RolloutState:
         """At least ``n_rows`` rows; new ones hold the initial state and no owner."""
         extra = n_rows - self.n_rows
         if extra > 0:
-            # as_tensor keeps the initial state's layout (new_tensor would make it contiguous)
-            grown = {key: _rows_of(torch.as_tensor(self.initial[key]).to(tensor.device), n_rows)
+            grown = {key: _rows_of(tensor.new_tensor(np.asarray(self.initial[key])), n_rows)
                      for key, tensor in self.tensors.items()}
             for key, tensor in self.tensors.items():
                 grown[key][:len(self.owners)].copy_(tensor)
